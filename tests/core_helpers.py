@@ -1,0 +1,78 @@
+"""Small helpers shared by the core-loss tests (data, tolerances, VJP checks)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("custom_vjp", "reference")
+
+# (rtol, atol) for comparing against the float32/float64 reference.
+TOL = {
+    jnp.dtype(jnp.float64): (1e-10, 1e-12),
+    jnp.dtype(jnp.float32): (2e-5, 2e-6),
+    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
+    jnp.dtype(jnp.float16): (5e-3, 5e-3),
+}
+
+
+def tol(dtype):
+    rtol, atol = TOL[jnp.dtype(dtype)]
+    return dict(rtol=rtol, atol=atol)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def logits(shape, seed=0, dtype=jnp.float32, scale=2.0):
+    return jnp.asarray(rng(seed).normal(size=shape) * scale, dtype)
+
+
+def int_labels(shape, n_classes, seed=1):
+    return jnp.asarray(rng(seed).integers(0, n_classes, size=shape), jnp.int32)
+
+
+def soft_labels(shape, seed=2, axis=-1, normalised=True, dtype=jnp.float32):
+    u = rng(seed).uniform(0.0, 1.0, size=shape)
+    if normalised:
+        u = u / u.sum(axis=axis, keepdims=True)
+    return jnp.asarray(u, dtype)
+
+
+def cotangent_like(x, seed=3):
+    x = jnp.asarray(x)
+    return jnp.asarray(rng(seed).normal(size=x.shape), x.dtype)
+
+
+def assert_close(actual, expected, dtype=jnp.float32, **kw):
+    t = tol(dtype)
+    t.update(kw)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **t
+    )
+
+
+def check_value_and_vjp(f, f_ref, primals, argnums=(0,), seed=3, dtype=jnp.float32):
+    """Values and VJPs (random cotangent) of f match f_ref w.r.t. argnums."""
+
+    def restrict(fn):
+        def g(*diff):
+            args = list(primals)
+            for i, a in zip(argnums, diff, strict=True):
+                args[i] = a
+            return fn(*args)
+
+        return g
+
+    diff = [primals[i] for i in argnums]
+    out, vjp = jax.vjp(restrict(f), *diff)
+    out_r, vjp_r = jax.vjp(restrict(f_ref), *diff)
+    assert out.shape == out_r.shape, (out.shape, out_r.shape)
+    assert_close(out, out_r, dtype)
+    ct = cotangent_like(out_r, seed).astype(out.dtype)
+    grads = vjp(ct)
+    grads_r = vjp_r(ct.astype(out_r.dtype))
+    for g, g_r in zip(grads, grads_r, strict=True):
+        assert g.shape == g_r.shape
+        assert_close(g, g_r, dtype)
+    return out, grads

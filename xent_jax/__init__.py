@@ -1,0 +1,38 @@
+"""xent_jax: exact, fast cross-entropy losses for JAX.
+
+Drop-in for ``optax.losses`` (same names, positional arguments and
+per-example outputs), with PyTorch's options as keyword-only extras and
+closed-form ``jax.custom_vjp`` gradients.
+"""
+
+from xent_jax._extras import kl_divergence as kl_divergence
+from xent_jax._extras import (
+    kl_divergence_with_log_targets as kl_divergence_with_log_targets,
+)
+from xent_jax._extras import poly_loss_cross_entropy as poly_loss_cross_entropy
+from xent_jax._extras import safe_softmax_cross_entropy as safe_softmax_cross_entropy
+from xent_jax._extras import sigmoid_focal_loss as sigmoid_focal_loss
+from xent_jax._extras import smooth_labels as smooth_labels
+from xent_jax._extras import softmax_focal_loss as softmax_focal_loss
+from xent_jax._sigmoid import (
+    sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
+)
+from xent_jax._softmax import softmax_cross_entropy as softmax_cross_entropy
+from xent_jax._softmax import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
+    "poly_loss_cross_entropy",
+    "safe_softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "smooth_labels",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "softmax_focal_loss",
+]
