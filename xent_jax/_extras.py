@@ -39,9 +39,10 @@ def safe_softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Arra
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> logits = jnp.array([[0.0, -jnp.inf], [0.0, 0.0]])
       >>> print(xent_jax.safe_softmax_cross_entropy(
-      ...     logits, jnp.array([[1.0, 0.0], [0.5, 0.5]])).round(4))
+      ...     logits, jnp.array([[1.0, 0.0], [0.5, 0.5]])))
       [0.     0.6931]
     """
     return softmax_cross_entropy(logits, labels)
@@ -63,9 +64,10 @@ def poly_loss_cross_entropy(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> print(xent_jax.poly_loss_cross_entropy(
-      ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.0, 1.0, 0.0]])).round(4))
-      [1.2512]
+      ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.0, 1.0, 0.0]])))
+      [1.2073]
     """
     _checks.check_floating(labels, "labels")
     logits = jnp.asarray(logits)
@@ -94,9 +96,10 @@ def sigmoid_focal_loss(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> print(xent_jax.sigmoid_focal_loss(
-      ...     jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])).round(4))
-      [0.1733 1.6442]
+      ...     jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])))
+      [0.1733 1.6501]
     """
     _checks.check_floating(logits, "logits")
     logits = jnp.asarray(logits)
@@ -126,8 +129,10 @@ def kl_divergence(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
-      >>> print(xent_jax.kl_divergence(
-      ...     jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0])).round(4))
+      >>> jnp.set_printoptions(precision=4, suppress=True)
+      >>> loss = xent_jax.kl_divergence(
+      ...     jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
+      >>> print(f"{loss:.4f}")
       0.6931
     """
     _checks.check_floating(log_predictions, "log_predictions")
@@ -149,8 +154,10 @@ def kl_divergence_with_log_targets(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
-      >>> print(xent_jax.kl_divergence_with_log_targets(
-      ...     jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([0.9, 0.1]))).round(4))
+      >>> jnp.set_printoptions(precision=4, suppress=True)
+      >>> loss = xent_jax.kl_divergence_with_log_targets(
+      ...     jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([0.9, 0.1])))
+      >>> print(f"{loss:.4f}")
       0.3681
     """
     _checks.check_floating(log_predictions, "log_predictions")
@@ -174,6 +181,7 @@ def smooth_labels(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> print(xent_jax.smooth_labels(jnp.array([0.0, 1.0]), 0.2))
       [0.1 0.9]
     """
@@ -226,9 +234,10 @@ def softmax_focal_loss(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> print(xent_jax.softmax_focal_loss(
-      ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([1])).round(5))
-      [0.06657]
+      ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([1])))
+      [0.0641]
     """
     gamma = _checks.check_static_float(gamma, "gamma", 0.0, float("inf"))
 

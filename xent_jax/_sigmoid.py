@@ -123,9 +123,10 @@ def sigmoid_binary_cross_entropy(
     Example:
       >>> import jax.numpy as jnp
       >>> import xent_jax
+      >>> jnp.set_printoptions(precision=4, suppress=True)
       >>> loss = xent_jax.sigmoid_binary_cross_entropy(
       ...     jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0]))
-      >>> print(loss.round(4))
+      >>> print(loss)
       [0.6931 2.1269]
     """
     _checks.check_floating(logits, "logits")

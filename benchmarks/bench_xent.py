@@ -1,0 +1,134 @@
+"""Benchmark of the core softmax cross-entropy against optax and a copy.
+
+For ``jax.value_and_grad`` of the mean loss over integer labels it prints, per
+shape and dtype, the median wall time of xent_jax, optax and a jitted
+read+write pass over the logits (``logits * 2``, the memory-bound floor), their
+ratios, and the compiled temporary memory (``memory_analysis()``) of both
+losses in the setting ``loss(h @ w, y)``, where the logits are an
+intermediate, relative to the logits' bytes.
+
+    python benchmarks/bench_xent.py            # the README's table
+    python benchmarks/bench_xent.py --smoke    # tiny shapes, seconds (CI)
+
+The machines are shared and noisy: the three timings are interleaved, repeated
+and reduced to medians, and the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import xent_jax
+
+SHAPES = [(4096, 1024), (2048, 32768), (1024, 131072)]
+SMOKE_SHAPES = [(64, 128), (32, 512)]
+HIDDEN = 256  # D of the h @ w memory setting
+
+
+def _losses():
+    return {
+        "xent": xent_jax.softmax_cross_entropy_with_integer_labels,
+        "optax": optax.losses.softmax_cross_entropy_with_integer_labels,
+    }
+
+
+def _median_times(fns: dict, args: dict, repeats: int) -> dict:
+    for name, f in fns.items():
+        jax.block_until_ready(f(*args[name]))  # compile and warm up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():  # interleaved, so load drifts hit all
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args[name]))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temp_bytes(loss, n: int, c: int, dtype) -> int:
+    """Compiled temporary memory of value_and_grad of loss(h @ w, y).mean()."""
+    h = jax.ShapeDtypeStruct((n, HIDDEN), dtype)
+    w = jax.ShapeDtypeStruct((HIDDEN, c), dtype)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def objective(h, w, y):
+        return loss(h @ w, y).mean()
+
+    step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+    return step.lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
+
+
+def run(shapes, dtypes, repeats: int) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        for n, c in shapes:
+            key_x, key_y = jax.random.split(jax.random.PRNGKey(0))
+            logits = jax.random.normal(key_x, (n, c), jnp.float32).astype(dtype)
+            labels = jax.random.randint(key_y, (n,), 0, c)
+            fns = {
+                name: jax.jit(jax.value_and_grad(lambda x, y, f=f: f(x, y).mean()))
+                for name, f in _losses().items()
+            }
+            fns["copy"] = jax.jit(lambda x, y: x * 2)
+            args = {name: (logits, labels) for name in fns}
+            t = _median_times(fns, args, repeats)
+            logits_bytes = n * c * jnp.dtype(dtype).itemsize
+            mem = {
+                name: temp_bytes(f, n, c, dtype) / logits_bytes
+                for name, f in _losses().items()
+            }
+            rows.append(
+                dict(
+                    shape=f"{n}x{c}",
+                    dtype=jnp.dtype(dtype).name,
+                    xent_ms=t["xent"] * 1e3,
+                    optax_ms=t["optax"] * 1e3,
+                    copy_ms=t["copy"] * 1e3,
+                    xent_over_optax=t["xent"] / t["optax"],
+                    xent_over_copy=t["xent"] / t["copy"],
+                    optax_over_copy=t["optax"] / t["copy"],
+                    xent_temp=mem["xent"],
+                    optax_temp=mem["optax"],
+                )
+            )
+            print_row(rows[-1], header=len(rows) == 1)
+    return rows
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print(
+            "| N x C | dtype | xent ms | optax ms | copy ms | xent/optax "
+            "| xent/copy | optax/copy | temp xent (x logits) | temp optax |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {r['shape']} | {r['dtype']} | {r['xent_ms']:.1f} | {r['optax_ms']:.1f} "
+        f"| {r['copy_ms']:.1f} | {r['xent_over_optax']:.2f} "
+        f"| {r['xent_over_copy']:.2f} | {r['optax_over_copy']:.2f} "
+        f"| {r['xent_temp']:.2f} | {r['optax_temp']:.2f} |",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma-separated dtypes"
+    )
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
+    run(shapes, dtypes, 2 if args.smoke else args.repeats)
+
+
+if __name__ == "__main__":
+    main()
