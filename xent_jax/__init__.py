@@ -14,6 +14,7 @@ from xent_jax._extras import safe_softmax_cross_entropy as safe_softmax_cross_en
 from xent_jax._extras import sigmoid_focal_loss as sigmoid_focal_loss
 from xent_jax._extras import smooth_labels as smooth_labels
 from xent_jax._extras import softmax_focal_loss as softmax_focal_loss
+from xent_jax._linear import linear_cross_entropy as linear_cross_entropy
 from xent_jax._sigmoid import (
     sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
 )
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_cross_entropy",
     "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",

@@ -1,0 +1,685 @@
+r"""Fused linear + softmax cross-entropy that never materialises the logits.
+
+For hidden states ``x`` ``[N, D]``, a classifier ``w`` ``[D, V]`` and an
+optional bias ``b``, the logits are ``z = cap(x @ w + b)`` with the optional
+soft cap ``cap(r) = s * tanh(r / s)``. The loss per example is exactly that of
+:func:`xent_jax.softmax_cross_entropy_with_integer_labels` on ``z``:
+
+.. math::
+    \ell = \mathrm{lse}\,\textstyle\sum_c t_c - \sum_c t_c z_c + \zeta\,\mathrm{lse}^2,
+    \qquad t = w_{cls} \odot \bigl((1 - a)\,\mathrm{onehot}(y) + a / V\bigr),
+
+and, with ``p = softmax(z)``, ``dl/dz = (sum(t) + 2 zeta lse) p - t``; the
+soft cap multiplies it by ``1 - (z / s)^2``.
+
+The ``"blockwise"`` implementation streams over vocabulary blocks (and token
+blocks). The forward pass keeps, per example, a running maximum and sum of
+exponentials (an online log-sum-exp), the label's logit and, under label
+smoothing, the class-weighted sum of the logits; it saves only its inputs and
+two per-example scalars (``lse`` and the label logit). The backward pass
+recomputes each block's logits and accumulates ``dx``, ``dw`` and ``db`` one
+block at a time, so no ``[N, V]`` array ever exists: memory is
+``O(token_block * vocab_block)`` on top of the inputs and the gradients.
+
+Vocabulary layout. ``w`` is viewed (without a copy) as ``[D, G, V / G]``:
+``G`` equal contiguous groups of classes, and each step of the vocabulary loop
+takes the same column range of every group. The loop therefore never slices the
+group axis, so under ``jax.jit`` with ``w`` sharded on ``V`` over a number of
+devices that divides ``G`` (``G = 8`` when 8 divides ``V``) the sharding lands
+on that axis and XLA partitions the loop without gathering ``w``: the only
+collectives are all-reduces of per-example scalars and of ``dx`` (tested on 4
+CPU devices). A class's global id is ``offset + g * V / G + column``.
+
+XLA CPU notes (each measured with ``memory_analysis()``): 16-bit operands of a
+loop's slices are upcast by XLA CPU, and the upcast of a loop-invariant ``w``
+would be hoisted into a float32 copy of all of ``w``; see :func:`_block`. A
+loop carries ``w`` in row-major ``[D, V]`` layout, so a transposed ``w``
+(``emb.T``) is copied once (and so is its gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _checks
+from xent_jax._reduction import Reduction, reduce_loss
+from xent_jax._softmax import (
+    compute_dtype,
+    softmax_cross_entropy_with_integer_labels,
+)
+
+Implementation = Literal["blockwise", "reference"]
+IMPLEMENTATIONS = ("blockwise", "reference")
+
+# Default block sizes, tuned on a 2-core CPU (benchmarks/bench_linear.py): a
+# block of logits should stay cache-friendly while each matmul stays large
+# enough to run at full speed.
+DEFAULT_VOCAB_BLOCK = 1024
+# Upper bound on the elements of one [token_block, vocab_block] block of logits.
+DEFAULT_BLOCK_ELEMENTS = 1024 * 2048
+# Vocabulary groups processed side by side (see the module docstring); the
+# largest of these that divides V is used.
+_GROUP_CHOICES = (8, 4, 2, 1)
+
+
+class _Config(NamedTuple):
+    """Static (hashable) options of the blockwise kernel."""
+
+    label_smoothing: float
+    z_loss: float
+    ignore_index: int | None
+    num_classes: int  # global class count (all shards, once axis_name lands)
+    logit_softcap: float | None
+    token_block: int
+    vocab_block: int  # columns per group per step
+    groups: int
+    filter_threshold: float | None
+
+
+# --- small helpers -------------------------------------------------------------
+
+
+def _for_blocks(total: int, block: int, body, carry):
+    """Runs ``body(start, size, carry)`` over ``[0, total)`` in blocks.
+
+    Full blocks go through one ``fori_loop`` (traced ``start``, static
+    ``size``); a remainder is one more static call, so no input is ever padded
+    or copied to make ``total`` divisible by ``block``.
+    """
+    n_full, rem = divmod(total, block)
+    if n_full == 1:
+        carry = body(0, block, carry)
+    elif n_full > 1:
+        carry = jax.lax.fori_loop(
+            0, n_full, lambda i, c: body(i * block, block, c), carry
+        )
+    if rem:
+        carry = body(n_full * block, rem, carry)
+    return carry
+
+
+def _slice(a, start, size: int, axis: int):
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+def _update(a, update, start, axis: int):
+    return jax.lax.dynamic_update_slice_in_dim(a, update, start, axis=axis)
+
+
+def _vocab_offset(cfg: _Config) -> Any:
+    """Global id of this device's first class.
+
+    TODO(axis_name): vocabulary parallelism inside ``shard_map`` returns
+    ``axis_index(axis_name) * V_local`` here and combines the per-example
+    forward statistics (pmax of the maximum, psum of the rescaled sums, of the
+    label logit and of the smoothing sum) and ``dx`` across the axis. Every id
+    below is already ``offset + local``.
+    """
+    del cfg
+    return 0
+
+
+def _block_logits(xb, wb, bb, cfg: _Config, cdt):
+    """The (capped) logits of one block: ``xb`` [n, D] times ``wb`` [D, c].
+
+    The operands are multiplied in their own dtype with ``cdt`` (float32 for
+    16-bit inputs) accumulation; only the block is ever cast.
+    """
+    op = jnp.promote_types(xb.dtype, wb.dtype)
+    raw = jax.lax.dot_general(
+        xb.astype(op),
+        wb.astype(op),
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=cdt,
+    )
+    if bb is not None:
+        raw = raw + bb.astype(cdt)
+    if cfg.logit_softcap is None:
+        return raw
+    s = cfg.logit_softcap
+    return s * jnp.tanh(raw / s)
+
+
+def _grouped(a, groups: int):
+    """``a`` [..., V] viewed as [..., G, V / G] (a bitcast); as is when G = 1.
+
+    No size-1 group axis is added: XLA CPU copies a whole ``w`` to relayout
+    one.
+    """
+    if groups == 1:
+        return a
+    return a.reshape(a.shape[:-1] + (groups, a.shape[-1] // groups))
+
+
+def _block_ids(start, size: int, groups: int, per_group: int, offset):
+    """Global class ids ``[G, size]`` (``[size]`` when G = 1) of a block."""
+    shape = (size,) if groups == 1 else (groups, size)
+    j = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    if groups == 1:
+        return offset + start + j
+    g = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    return offset + g * per_group + start + j
+
+
+def _is_16bit(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2
+
+
+def _block(a, start, size: int, axis: int):
+    """``size`` entries of a loop-invariant array from ``start`` along ``axis``.
+
+    XLA CPU upcasts 16-bit float operands of slices to float32; on a
+    loop-invariant operand that convert is hoisted out of the loop, i.e. a
+    float32 copy of the whole of ``w`` (or ``x``). Tying the array to the
+    loop-variant offset with a barrier keeps the conversion per block.
+    """
+    if _is_16bit(a):
+        a, start = jax.lax.optimization_barrier((a, start))
+    return _slice(a, start, size, axis)
+
+
+def _block_update(a, update, start, axis: int):
+    """``dynamic_update_slice`` of a 16-bit carry, kept in its own dtype."""
+    if _is_16bit(a):
+        a, start = jax.lax.optimization_barrier((a, start))
+    return _update(a, update.astype(a.dtype), start, axis)
+
+
+def _example_terms(labels, class_weights, num_classes: int, ignore_index, cdt):
+    """Per-example ``(scored, bad, w_y)`` and the scalar ``sum_c w_c``.
+
+    An example is scored unless its label is ``ignore_index`` or out of range
+    (``bad``: loss NaN, no gradient), as in the core loss; ``w_y`` is read by a
+    gather, never through an ``[N, V]`` one-hot.
+    """
+    bad = _checks.label_out_of_range(labels, num_classes, ignore_index)
+    scored = ~bad
+    if ignore_index is not None:
+        scored &= labels != ignore_index
+    if class_weights is None:
+        return scored, bad, jnp.ones(labels.shape, cdt), float(num_classes)
+    cw = class_weights.astype(cdt)
+    w_y = cw[jnp.clip(labels, 0, num_classes - 1)]
+    return scored, bad, w_y, jnp.sum(cw)
+
+
+# --- the blockwise kernel --------------------------------------------------------
+
+
+class _Views(NamedTuple):
+    """Grouped views of the per-class operands (see the module docstring)."""
+
+    w: jax.Array  # [D, (G,) L]
+    bias: jax.Array | None  # [(G,) L]
+    smooth_w: jax.Array | None  # class weights [(G,) L] under label smoothing
+    per_group: int  # L = V / G
+    offset: Any  # global id of the first class
+
+
+def _views(w, bias, class_weights, cfg: _Config) -> _Views:
+    G = cfg.groups
+    smooth_w = None
+    if cfg.label_smoothing and class_weights is not None:
+        smooth_w = _grouped(class_weights, G)
+    return _Views(
+        _grouped(w, G),
+        None if bias is None else _grouped(bias, G),
+        smooth_w,
+        w.shape[1] // G,
+        _vocab_offset(cfg),
+    )
+
+
+def _per_class_block(a, start, size: int):
+    return None if a is None else _slice(a, start, size, a.ndim - 1)
+
+
+def _flat(a):
+    return None if a is None else a.reshape(-1)
+
+
+def _rows(v, t, nt: int):
+    """Rows ``t:t+nt`` of a per-example vector, broadcastable to a block."""
+    return _slice(v, t, nt, 0)[:, None]
+
+
+def _forward(x, w, bias, labels, class_weights, cfg: _Config):
+    """Losses ``[N]``, ``lse`` ``[N]`` and the label logit ``z_y`` ``[N]``."""
+    n = x.shape[0]
+    cdt = compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+    a = cfg.label_smoothing
+    vw = _views(w, bias, class_weights, cfg)
+
+    def vocab_step(s, cs, carry):
+        # Blocks are flattened to [D, G c]: the dot stays 2-D (XLA CPU has no
+        # 16-bit kernel for some 3-D dots).
+        wb = _block(vw.w, s, cs, vw.w.ndim - 1).reshape(w.shape[0], -1)
+        bb = _flat(_per_class_block(vw.bias, s, cs))
+        ub = _flat(_per_class_block(vw.smooth_w, s, cs))
+        ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
+
+        def token_step(t, nt, carry):
+            m, se, zy, swz = carry
+            z = _block_logits(_block(x, t, nt, 0), wb, bb, cfg, cdt)
+            m_old = _slice(m, t, nt, 0)
+            m_new = jnp.maximum(m_old, jnp.max(z, axis=1))
+            # Rows with no finite logit yet shift by 0, so that exp stays finite.
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0)
+            se_b = _slice(se, t, nt, 0) * jnp.exp(m_old - shift)
+            se_b = se_b + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+            hit = ids == _slice(labels, t, nt, 0)[:, None]
+            zy_b = _slice(zy, t, nt, 0) + jnp.sum(jnp.where(hit, z, 0), axis=1)
+            m = _update(m, m_new, t, 0)
+            se = _update(se, se_b, t, 0)
+            zy = _update(zy, zy_b, t, 0)
+            if a:
+                # sum_c w_c z_c. As in the core kernel a zero weight on a -inf
+                # logit contributes 0, a nonzero one makes the loss infinite.
+                uz = z
+                if ub is not None:
+                    u = ub.astype(cdt)
+                    uz = jnp.where(u != 0, u * z, 0)
+                swz_b = _slice(swz, t, nt, 0) + jnp.sum(uz, axis=1)
+                swz = _update(swz, swz_b, t, 0)
+            return m, se, zy, swz
+
+        return _for_blocks(n, cfg.token_block, token_step, carry)
+
+    zeros = jnp.zeros((n,), cdt)
+    init = (jnp.full((n,), -jnp.inf, cdt), zeros, zeros, zeros)
+    m, se, zy, swz = _for_blocks(vw.per_group, cfg.vocab_block, vocab_step, init)
+    # As in the core kernel, a row without any finite logit has lse 0 (its loss
+    # is then +inf or 0), never NaN from -inf - -inf.
+    has_mass = se > 0
+    lse = jnp.where(has_mass, jnp.log(jnp.where(has_mass, se, 1)), 0)
+    lse = lse + jnp.where(jnp.isfinite(m), m, 0)
+
+    scored, bad, w_y, w_sum = _example_terms(
+        labels, class_weights, cfg.num_classes, cfg.ignore_index, cdt
+    )
+    sum_t = (1 - a) * w_y
+    sum_tx = (1 - a) * w_y * zy
+    if a:
+        sum_t = sum_t + (a / cfg.num_classes) * w_sum
+        sum_tx = sum_tx + (a / cfg.num_classes) * swz
+    loss = sum_t * lse - sum_tx + cfg.z_loss * lse**2
+    loss = jnp.where(scored, loss, 0)
+    loss = jnp.where(bad, jnp.nan, loss)
+    return loss, lse, zy
+
+
+def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
+    """``dx``, ``dw``, ``dbias`` for per-example cotangents of loss and lse."""
+    n, d = x.shape
+    op = jnp.promote_types(x.dtype, w.dtype)
+    cdt = compute_dtype(op)
+    a = cfg.label_smoothing
+    vw = _views(w, bias, class_weights, cfg)
+
+    scored, _, w_y, w_sum = _example_terms(
+        labels, class_weights, cfg.num_classes, cfg.ignore_index, cdt
+    )
+    g_loss = jnp.where(scored, g_loss.astype(cdt), 0)
+    sum_t = (1 - a) * w_y + ((a / cfg.num_classes) * w_sum if a else 0)
+    # dl/dz = coef * p - onehot_coef * onehot(y) - smooth_coef * w_c, per row.
+    coef = g_loss * (sum_t + 2 * cfg.z_loss * lse) + g_lse.astype(cdt)
+    onehot_coef = g_loss * (1 - a) * w_y
+    smooth_coef = g_loss * (a / cfg.num_classes)
+    # Gradient filtering (Cut-Cross-Entropy): the softmax part of a block is
+    # skipped when all its probabilities are below the threshold; the sparse
+    # label part is then applied exactly outside the loop. Label smoothing
+    # spreads gradient over every class, so it turns filtering off.
+    filtering = cfg.filter_threshold is not None and not a
+
+    def vocab_step(s, cs, carry):
+        dx, dw, db = carry
+        # Blocks are flattened to [D, G c]: the dot stays 2-D (XLA CPU has no
+        # 16-bit kernel for some 3-D dots).
+        wb = _block(vw.w, s, cs, vw.w.ndim - 1).reshape(w.shape[0], -1)
+        bb = _flat(_per_class_block(vw.bias, s, cs))
+        ub = _flat(_per_class_block(vw.smooth_w, s, cs))
+        ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
+
+        def token_step(t, nt, carry):
+            dx, dwb, dbb = carry
+            xb = _block(x, t, nt, 0)
+            z = _block_logits(xb, wb, bb, cfg, cdt)
+            p = jnp.exp(z - _rows(lse, t, nt))
+            dz = _rows(coef, t, nt) * p
+            if not filtering:
+                hit = ids == _slice(labels, t, nt, 0)[:, None]
+                dz = dz - jnp.where(hit, _rows(onehot_coef, t, nt), 0)
+            if a:
+                u = 1 if ub is None else ub.astype(cdt)
+                dz = dz - _rows(smooth_coef, t, nt) * u
+            if cfg.logit_softcap is not None:
+                # d(s tanh(r / s)) / dr = 1 - tanh^2 = 1 - (z / s)^2.
+                dz = dz * (1 - jnp.square(z / cfg.logit_softcap))
+
+            def accumulate(_):
+                # Matmuls in the inputs' dtype, accumulated in cdt.
+                dzo = dz.astype(op)
+                dx_b = jax.lax.dot_general(
+                    dzo,
+                    wb.astype(op),
+                    (((1,), (1,)), ((), ())),
+                    preferred_element_type=cdt,
+                )
+                dw_b = jax.lax.dot_general(
+                    xb.astype(op),
+                    dzo,
+                    (((0,), (0,)), ((), ())),
+                    preferred_element_type=cdt,
+                )
+                db_b = jnp.sum(dz, axis=0)
+                return (
+                    _update(dx, _slice(dx, t, nt, 0) + dx_b, t, 0),
+                    dwb + dw_b,
+                    dbb + db_b,
+                )
+
+            if not filtering:
+                return accumulate(None)
+            skip = jnp.max(p) < cfg.filter_threshold
+            return jax.lax.cond(skip, lambda _: (dx, dwb, dbb), accumulate, None)
+
+        init = (dx, jnp.zeros((d,) + ids.shape, cdt), jnp.zeros(ids.shape, cdt))
+        dx, dwb, dbb = _for_blocks(n, cfg.token_block, token_step, init)
+        # Back to the grouped layout [D, (G,) cs] for the update.
+        dwb = dwb.reshape(dw.shape[:-1] + (cs,))
+        dw = _block_update(dw, dwb, s, dw.ndim - 1)
+        if db is not None:
+            dbb = dbb.reshape(db.shape[:-1] + (cs,)).astype(db.dtype)
+            db = _update(db, dbb, s, db.ndim - 1)
+        return dx, dw, db
+
+    init = (
+        jnp.zeros((n, d), cdt),
+        jnp.zeros(vw.w.shape, w.dtype),
+        None if bias is None else jnp.zeros(vw.bias.shape, bias.dtype),
+    )
+    dx, dw, db = _for_blocks(vw.per_group, cfg.vocab_block, vocab_step, init)
+    dw = dw.reshape(w.shape)
+    db = None if bias is None else db.reshape(bias.shape)
+
+    if filtering:
+        # The -onehot_coef * onehot(y) term, exactly: a gather and scatters.
+        k = onehot_coef
+        if cfg.logit_softcap is not None:
+            k = k * (1 - jnp.square(zy / cfg.logit_softcap))
+        y = jnp.clip(labels, 0, cfg.num_classes - 1) - vw.offset
+        w_cols = jnp.take(w, y, axis=1).astype(cdt)  # [D, N]
+        dx = dx - k[:, None] * w_cols.T
+        dw = dw.at[:, y].add((-(x.astype(cdt) * k[:, None]).T).astype(w.dtype))
+        if db is not None:
+            db = db.at[y].add((-k).astype(db.dtype))
+    return dx.astype(x.dtype), dw, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(x, w, bias, labels, class_weights, cfg: _Config):
+    loss, lse, _ = _forward(x, w, bias, labels, class_weights, cfg)
+    return loss, lse
+
+
+def _blockwise_fwd(x, w, bias, labels, class_weights, cfg: _Config):
+    loss, lse, zy = _forward(x, w, bias, labels, class_weights, cfg)
+    # Residuals: the inputs plus two per-example scalars; nothing of size V*N.
+    return (loss, lse), (x, w, bias, labels, class_weights, lse, zy)
+
+
+def _blockwise_bwd(cfg: _Config, residual, cotangents):
+    x, w, bias, labels, class_weights, lse, zy = residual
+    g_loss, g_lse = cotangents
+    dx, dw, db = _backward(
+        x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg
+    )
+    # Labels are integers; class weights get no gradient (as in the core loss).
+    return dx, dw, db, None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# --- reference ------------------------------------------------------------------
+
+
+def _reference_logits(x, w, bias, softcap):
+    cdt = compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+    op = jnp.promote_types(x.dtype, w.dtype)
+    logits = jnp.matmul(x.astype(op), w.astype(op), preferred_element_type=cdt)
+    if bias is not None:
+        logits = logits + bias.astype(cdt)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+# --- public API -------------------------------------------------------------------
+
+
+def _block_sizes(block_size, n: int, v: int, groups: int) -> tuple[int, int]:
+    """``(token_block, columns per group per step)`` from ``block_size``.
+
+    Without a token block, tokens are blocked so that one block of logits has
+    at most ``DEFAULT_BLOCK_ELEMENTS`` entries.
+    """
+    if block_size is None:
+        vb = DEFAULT_VOCAB_BLOCK
+        tb = None
+    elif isinstance(block_size, int):
+        vb, tb = block_size, None
+    else:
+        try:
+            tb, vb = (int(b) for b in block_size)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "block_size must be None, an int (vocabulary block) or a pair "
+                f"(token_block, vocab_block); got {block_size!r}."
+            ) from None
+    if vb < 1 or (tb is not None and tb < 1):
+        raise ValueError(f"block sizes must be positive; got {block_size!r}.")
+    vb = max(1, min(vb, v) // groups)
+    if tb is None:
+        tb = DEFAULT_BLOCK_ELEMENTS // (vb * groups)
+    return max(1, min(tb, n)), vb
+
+
+def linear_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Reduction = "mean",
+    normalizer: jax.typing.ArrayLike | None = None,
+    block_size: int | tuple[int, int] | None = None,
+    return_lse: bool = False,
+    implementation: Implementation | None = None,
+    filter_threshold: float | None = None,
+    axis_name: Any = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Cross-entropy of ``x @ w + bias`` without materialising the logits.
+
+    Equals ``softmax_cross_entropy_with_integer_labels(cap(x @ w + bias),
+    labels, **options)`` with ``cap(r) = s * tanh(r / s)`` when
+    ``logit_softcap=s`` (Gemma 2), i.e. per example
+
+    .. math::
+        \ell = (1 - a)\, w_y (\mathrm{lse} - z_y)
+          + \frac{a}{V} \sum_c w_c (\mathrm{lse} - z_c) + \zeta\,\mathrm{lse}^2,
+        \qquad z = \mathrm{cap}(x W + b),
+
+    but the default implementation streams over blocks of the vocabulary (and
+    of the tokens) with an online log-sum-exp, saves only its inputs and two
+    scalars per example, and recomputes each block's logits in the backward
+    pass: memory is ``O(token_block * vocab_block)`` (plus a float32 ``dx``
+    accumulator for 16-bit ``x``), never ``O(N * V)``. ``value_and_grad``
+    costs 4 matmuls of the size of ``x @ w`` instead of 3, but moves no
+    ``[N, V]`` array through memory. Forward-mode autodiff (``jax.jvp``,
+    ``jax.hessian``) needs ``implementation="reference"``.
+
+    Args:
+      x: Hidden states ``[..., D]``, any floating dtype. 16-bit inputs are
+        multiplied in their own dtype with float32 accumulation.
+      w: Classifier ``[D, V]`` (a Dense kernel). For a tied embedding ``[V, D]``
+        pass ``emb.T``. Known limitation: under XLA CPU that transpose is
+        materialised once (one copy of ``w`` and one of its gradient); the
+        blocks themselves are never upcast or copied beyond one block.
+      labels: Integer class ids ``[...]`` (``x``'s shape without ``D``). Ids
+        outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` for
+        concrete inputs; under ``jit`` their loss is NaN with no gradient and
+        ``jax.experimental.checkify.checkify`` reports them.
+      bias: Optional ``[V]`` bias. ``-inf`` entries mask classes out of the
+        softmax (a label on a masked class, or label smoothing with masked
+        classes, gives an infinite loss, as for logits).
+      ignore_index: Label value whose examples get loss 0 and gradient 0 and
+        leave the mean's denominator.
+      label_smoothing: ``a`` in ``[0, 1]``; the target is ``(1-a) onehot + a/V``.
+      class_weights: ``[V]`` per-class weights (PyTorch's ``weight``).
+      z_loss: Coefficient of the auxiliary ``lse**2`` term.
+      logit_softcap: Optional ``s > 0``: the logits become ``s tanh(z / s)``
+        before the loss, with the chain-rule factor in the gradient.
+      reduction: ``"mean"`` (default; the sum over the sum of
+        ``class_weights[label]`` over scored examples, their count without
+        weights, 0 when there are none), ``"sum"`` or ``"none"``.
+      normalizer: Replaces the denominator of ``"mean"``.
+      block_size: ``None`` (defaults tuned for CPU: 1024 classes per step and
+        token blocks of ``2**21 // 1024`` rows), an int (classes per step) or
+        ``(token_block, vocab_block)``. Results do not depend on it beyond
+        float round-off.
+      return_lse: Also return the per-example log-sum-exp of the (capped)
+        logits, differentiable, with the labels' shape.
+      implementation: ``"blockwise"`` (default) or ``"reference"`` (materialises
+        the logits and calls the core loss; the oracle for tests).
+      filter_threshold: ``None`` (default, exact) or a probability: in the
+        backward pass a block whose probabilities are all below it skips its
+        matmuls (Cut-Cross-Entropy's gradient filtering; the label term stays
+        exact). The error in each logit's gradient is below ``threshold *
+        (sum(t) + 2 z_loss lse)``. No effect with label smoothing.
+      axis_name: Reserved for vocabulary parallelism inside ``shard_map``
+        (not implemented yet; raises ``NotImplementedError``).
+
+    Returns:
+      The loss (a scalar for ``"mean"``/``"sum"``, the labels' shape for
+      ``"none"``; float32 for 16-bit inputs), and with ``return_lse=True`` a
+      pair ``(loss, lse)``. Gradients have the dtypes of ``x``, ``w``, ``bias``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import xent_jax
+      >>> x = jnp.ones((4, 8)); w = jnp.zeros((8, 1000))
+      >>> y = jnp.array([0, 1, 2, 3])
+      >>> loss = xent_jax.linear_cross_entropy(x, w, y)
+      >>> print(round(float(loss), 4))  # uniform logits: log(1000)
+      6.9078
+      >>> dx, dw = jax.grad(xent_jax.linear_cross_entropy, argnums=(0, 1))(x, w, y)
+    """
+    if axis_name is not None:
+        # TODO(axis_name): vocabulary-parallel path, see _vocab_offset.
+        raise NotImplementedError(
+            "linear_cross_entropy(axis_name=...) is not implemented yet; under "
+            "jax.jit, shard w on its vocabulary axis instead."
+        )
+    _checks.check_floating(x, "x")
+    _checks.check_floating(w, "w")
+    _checks.check_integer(labels, "labels")
+    _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
+    implementation = "blockwise" if implementation is None else implementation
+    _checks.check_choice(implementation, IMPLEMENTATIONS, "implementation")
+    label_smoothing = _checks.check_static_float(
+        label_smoothing, "label_smoothing", 0.0, 1.0
+    )
+    z_loss = _checks.check_static_float(z_loss, "z_loss", 0.0, float("inf"))
+    if logit_softcap is not None:
+        logit_softcap = _checks.check_static_float(
+            logit_softcap, "logit_softcap", 0.0, float("inf")
+        )
+        if logit_softcap == 0:
+            raise ValueError("logit_softcap must be positive; got 0.")
+    if filter_threshold is not None:
+        filter_threshold = _checks.check_static_float(
+            filter_threshold, "filter_threshold", 0.0, 1.0
+        )
+    if ignore_index is not None:
+        ignore_index = int(ignore_index)
+
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape (D, V); got {w.shape}.")
+    d, v = w.shape
+    if x.ndim < 1 or x.shape[-1] != d:
+        raise ValueError(
+            f"x must have shape (..., {d}) (its last axis is w's first, D); got "
+            f"{x.shape}."
+        )
+    batch_shape = x.shape[:-1]
+    _checks.check_shape(labels, batch_shape, "labels", " (x's shape without D)")
+    if bias is not None:
+        _checks.check_floating(bias, "bias")
+        bias = jnp.asarray(bias)
+        _checks.check_shape(bias, (v,), "bias", " (one entry per class)")
+    if class_weights is not None:
+        _checks.check_floating(class_weights, "class_weights")
+        class_weights = jnp.asarray(class_weights)
+        _checks.check_shape(class_weights, (v,), "class_weights", " (one per class)")
+    _checks.check_labels_in_range(labels, v, ignore_index)
+
+    x2 = x.reshape(-1, d)
+    y1 = labels.reshape(-1)
+    n = x2.shape[0]
+    if implementation == "reference":
+        logits = _reference_logits(x2, w, bias, logit_softcap)
+        losses = softmax_cross_entropy_with_integer_labels(
+            logits,
+            y1,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weights=class_weights,
+            z_loss=z_loss,
+            implementation="reference",
+        )
+        lse = jax.nn.logsumexp(logits, axis=-1)
+    else:
+        groups = next(g for g in _GROUP_CHOICES if v % g == 0)
+        tb, vb = _block_sizes(block_size, n, v, groups)
+        cfg = _Config(
+            label_smoothing,
+            z_loss,
+            ignore_index,
+            v,
+            logit_softcap,
+            tb,
+            vb,
+            groups,
+            filter_threshold,
+        )
+        losses, lse = _blockwise(x2, w, bias, y1, class_weights, cfg)
+
+    losses = losses.reshape(batch_shape)
+    lse = lse.reshape(batch_shape)
+    if reduction == "mean" and normalizer is None:
+        loss = reduce_loss(
+            losses, reduction, _denominator(y1, class_weights, v, ignore_index)
+        )
+    else:
+        loss = reduce_loss(losses, reduction, None, normalizer)
+    return (loss, lse) if return_lse else loss
+
+
+def _denominator(labels, class_weights, num_classes: int, ignore_index):
+    """The core loss's mean denominator: sum of ``w_y`` over scored examples."""
+    cdt = jnp.float32 if class_weights is None else compute_dtype(class_weights.dtype)
+    scored, _, w_y, _ = _example_terms(
+        labels, class_weights, num_classes, ignore_index, cdt
+    )
+    return jnp.sum(jnp.where(scored, w_y, 0))
