@@ -3,11 +3,12 @@ r"""Sigmoid binary cross-entropy on logits."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
+from xent_jax import _checks, _sharding
 from xent_jax._reduction import Reduction, reduce_loss
 from xent_jax._softmax import IMPLEMENTATIONS, Implementation, compute_dtype
 
@@ -63,13 +64,14 @@ def _kernel_bwd(label_smoothing, residual, g):
     positive, negative = _coefficients(labels, pos_weight, xf.dtype, label_smoothing)
     # d/dx = (pw y + 1 - y) sigmoid(x) - pw y.
     d_x = ((positive + negative) * jax.nn.sigmoid(xf) - positive) * g
-    d_x = jnp.broadcast_to(d_x, x.shape).astype(x.dtype)
+    d_x = _sharding.like(jnp.broadcast_to(d_x, x.shape).astype(x.dtype), x)
     d_labels = None
     if jnp.issubdtype(labels.dtype, jnp.floating):
         # d/dy = (1 - a) (pw softplus(-x) - softplus(x)).
         pw = 1 if pos_weight is None else pos_weight.astype(xf.dtype)
         d_y = (1 - label_smoothing) * (pw * jax.nn.softplus(-xf) - jax.nn.softplus(xf))
         d_labels = jnp.broadcast_to(d_y * g, labels.shape).astype(labels.dtype)
+        d_labels = _sharding.like(d_labels, labels)
     return d_x, d_labels, None, None
 
 
@@ -88,6 +90,7 @@ def sigmoid_binary_cross_entropy(
     reduction: Reduction = "none",
     normalizer: jax.typing.ArrayLike | None = None,
     implementation: Implementation | None = None,
+    reduction_axis_name: Any = None,
 ) -> jax.Array:
     r"""Elementwise sigmoid binary cross-entropy on logits.
 
@@ -115,6 +118,12 @@ def sigmoid_binary_cross_entropy(
         all elements, weights not in the denominator (PyTorch).
       normalizer: Replaces the denominator of ``"mean"``.
       implementation: ``"custom_vjp"`` (default) or ``"reference"``.
+      reduction_axis_name: Inside ``jax.shard_map``, the mesh axes over which
+        the elements are split (the batch, and the label axis if it is split
+        too). ``"sum"`` and ``"mean"`` then return the global value, the same
+        on every device, with the mean's denominator (the element count)
+        summed over these axes; each device's gradient is its share of the
+        global one (see :func:`softmax_cross_entropy_with_integer_labels`).
 
     Returns:
       Losses with the logits' shape (a scalar for ``"sum"``/``"mean"``),
@@ -150,4 +159,4 @@ def sigmoid_binary_cross_entropy(
     losses = _IMPLEMENTATIONS[implementation](
         logits, labels, pos_weight, weights, label_smoothing
     )
-    return reduce_loss(losses, reduction, losses.size, normalizer)
+    return reduce_loss(losses, reduction, losses.size, normalizer, reduction_axis_name)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax import _checks
+from xent_jax import _checks, _sharding
 from xent_jax._reduction import Reduction, reduce_loss
 
 Implementation = Literal["custom_vjp", "reference"]
@@ -154,8 +154,23 @@ def label_logits_and_weights(x, labels, class_weights, cfg: _Config):
 
     Under ``axis_name`` each device gathers from its own slice (0 where it does
     not own the label) and a ``psum`` of per-example scalars combines them.
+    GSPMD (``Auto`` mesh axes) partitions the gather the same way by itself.
     """
     num_local = x.shape[-1]
+    if _sharding.class_axis_in_type(x):
+        # Explicit mesh axes: a gather along a split class axis cannot be typed
+        # without moving the logits; a masked row reduction can (each device
+        # reduces its slice, then per-example scalars are summed). Only here:
+        # on one device the gather reads one element per row, not the row.
+        hit = class_ids(num_local, cfg.axis_name) == labels[..., None]
+        x_y = jnp.sum(jnp.where(hit, x, 0), axis=-1)
+        w_y = None
+        if class_weights is not None:
+            w = class_weights.astype(x.dtype)
+            w_y = jnp.sum(jnp.where(hit, w, 0), axis=-1)
+        if cfg.axis_name is not None:
+            x_y, w_y = jax.lax.psum((x_y, w_y), cfg.axis_name)
+        return x_y, w_y
     local = labels
     if cfg.axis_name is not None:
         local = labels - jax.lax.axis_index(cfg.axis_name) * num_local
@@ -232,6 +247,7 @@ def _kernel_bwd(cfg: _Config, residual, g):
     grad, lse = residual[0], residual[1]
     g = g.astype(compute_dtype(grad.dtype))
     d_logits = (g[..., None] * grad).astype(grad.dtype)
+    d_logits = _sharding.like(d_logits, grad)
     if cfg.integer:
         return d_logits, None, None, None
     # Soft targets get a real cotangent: d loss / d y_c = (1 - a) w_c (lse - x_c)
@@ -244,7 +260,7 @@ def _kernel_bwd(cfg: _Config, residual, g):
     if keep is not None:
         d_y = jnp.where(keep, d_y, 0)
     d_y = jnp.where(scored[..., None], g[..., None] * d_y, 0)
-    return d_logits, d_y.astype(labels.dtype), None, None
+    return d_logits, _sharding.like(d_y.astype(labels.dtype), labels), None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -346,6 +362,7 @@ def _softmax_loss(
     normalizer,
     implementation,
     axis_name,
+    reduction_axis_name=None,
     per_example=None,
 ):
     """Shared front end of the softmax losses.
@@ -382,6 +399,18 @@ def _softmax_loss(
         num_classes = num_local * jax.lax.psum(1, axis_name)
     if integer:
         _checks.check_labels_in_range(labels, num_classes, ignore_index)
+    if axis_name is not None and reduction_axis_name is not None:
+        shared = set(_sharding.axes_tuple(axis_name)) & set(
+            _sharding.axes_tuple(reduction_axis_name)
+        )
+        if shared:
+            # The per-example losses are replicated over the class axes: a psum
+            # there would count every example once per device.
+            raise ValueError(
+                f"reduction_axis_name names the data-parallel axes; {sorted(shared)} "
+                "split the classes (axis_name), over which the per-example losses "
+                "are already complete."
+            )
 
     cfg = _Config(
         integer, label_smoothing, z_loss, ignore_index, num_classes, axis_name
@@ -390,9 +419,12 @@ def _softmax_loss(
     if per_example is not None:
         losses = per_example(losses, labels, num_classes)
     if reduction != "mean" or normalizer is not None:
-        return reduce_loss(losses, reduction, None, normalizer)
+        return reduce_loss(losses, reduction, None, normalizer, reduction_axis_name)
     return reduce_loss(
-        losses, reduction, _denominator(x, labels, keep, class_weights, cfg)
+        losses,
+        reduction,
+        _denominator(x, labels, keep, class_weights, cfg),
+        reduction_axis_name=reduction_axis_name,
     )
 
 
@@ -421,6 +453,7 @@ def softmax_cross_entropy_with_integer_labels(
     normalizer: jax.typing.ArrayLike | None = None,
     implementation: Implementation | None = None,
     axis_name: AxisName = None,
+    reduction_axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy between logits and integer class ids.
 
@@ -468,9 +501,26 @@ def softmax_cross_entropy_with_integer_labels(
       implementation: ``"custom_vjp"`` (default) or ``"reference"`` (the plain
         formula under autodiff; use it for forward mode, ``jax.jvp``,
         ``jax.hessian``; the custom VJP raises JAX's forward-mode error).
-      axis_name: Inside ``jax.shard_map``, the mesh axis over which the class
-        axis is split (vocabulary parallelism); reductions over classes become
-        collectives of per-example scalars.
+      axis_name: Inside ``jax.shard_map``, the mesh axis (or axes) over which
+        the class axis is split (vocabulary parallelism): each device passes
+        its slice of the logits (and of ``class_weights`` and ``where``), the
+        global class ``k * C_local + c`` being local class ``c`` on the device
+        with ``axis_index(axis_name) == k``. Labels are global class ids,
+        replicated over ``axis_name``. The log-sum-exp, the label's logit,
+        label smoothing's ``C``, the class weights and the z-loss are over the
+        global class set; only per-example scalars cross devices, and the
+        backward pass communicates nothing. The losses are replicated over
+        ``axis_name``.
+      reduction_axis_name: Inside ``jax.shard_map``, the data-parallel mesh
+        axes over which the examples are split. ``"sum"`` and ``"mean"`` then
+        return the global value (the same on every device, equal to the
+        single-device result on the whole batch): the sum and the mean's
+        denominator are summed over these axes. Each device's gradient is its
+        share of the global one, so the gradients summed over devices are the
+        one-big-batch gradient (``jax.grad`` inside ``shard_map`` with the
+        default ``check_vma=True`` does that sum for replicated parameters;
+        with ``check_vma=False``, ``psum`` them). Must not name an
+        ``axis_name`` axis.
 
     Returns:
       Per-example losses with the labels' shape (a scalar for ``"sum"`` and
@@ -500,6 +550,7 @@ def softmax_cross_entropy_with_integer_labels(
         normalizer=normalizer,
         implementation=implementation,
         axis_name=axis_name,
+        reduction_axis_name=reduction_axis_name,
     )
 
 
@@ -516,6 +567,7 @@ def softmax_cross_entropy(
     normalizer: jax.typing.ArrayLike | None = None,
     implementation: Implementation | None = None,
     axis_name: AxisName = None,
+    reduction_axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy between logits and soft targets.
 
@@ -547,7 +599,13 @@ def softmax_cross_entropy(
         the number of examples and ignores weights here); 0 if there are none.
       normalizer: Replaces the denominator of ``"mean"``.
       implementation: ``"custom_vjp"`` (default) or ``"reference"``.
-      axis_name: ``shard_map`` axis over which the classes are split.
+      axis_name: ``shard_map`` axis over which the classes are split: each
+        device passes its slice of the logits and of the labels (and of
+        ``class_weights`` and ``where``); see
+        :func:`softmax_cross_entropy_with_integer_labels`.
+      reduction_axis_name: ``shard_map`` data-parallel axes: ``"sum"`` and
+        ``"mean"`` return the global value, with the mean's denominator summed
+        over these axes; see :func:`softmax_cross_entropy_with_integer_labels`.
 
     Returns:
       Per-example losses with the logits' shape minus the class axes (a scalar
@@ -576,4 +634,5 @@ def softmax_cross_entropy(
         normalizer=normalizer,
         implementation=implementation,
         axis_name=axis_name,
+        reduction_axis_name=reduction_axis_name,
     )

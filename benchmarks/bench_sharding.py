@@ -1,0 +1,125 @@
+"""Compiled temporary memory per device of the losses on a device mesh.
+
+For ``jax.value_and_grad`` of the mean loss (compile only: nothing of this
+size is allocated), on meshes data x model of 1x1, 1x8 (classes split 8 ways)
+and 8x1 (examples split 8 ways), it prints the temporary memory that
+``compiled.memory_analysis()`` reports per device for
+
+* the fused ``linear_cross_entropy(x, w, y)``, x on "data" and w on the
+  vocabulary ("model"), at N=8192, D=1024, V=131072 (float32);
+* the core ``softmax_cross_entropy_with_integer_labels(h @ w, y)`` in the same
+  setting, where the logits are an intermediate, as bench_xent.py measures it
+  on one device.
+
+Both should fall roughly as 1/devices along either axis. 8 CPU devices are
+simulated (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here
+before JAX starts)::
+
+    python benchmarks/bench_sharding.py            # the full shapes
+    python benchmarks/bench_sharding.py --smoke    # tiny shapes, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import xent_jax  # noqa: E402
+
+FULL = (8192, 1024, 131072)  # N, D, V
+SMOKE = (64, 32, 1024)
+MESHES = ((1, 1), (1, 8), (8, 1))
+
+
+def _mesh(data: int, model: int) -> jax.sharding.Mesh:
+    devices = jax.devices()[: data * model]
+    return jax.make_mesh(
+        (data, model),
+        ("data", "model"),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices,
+    )
+
+
+def _specs(mesh, n: int, d: int, v: int, dtype):
+    def spec(shape, *axes, dt=dtype):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P(*axes)))
+
+    x = spec((n, d), "data")
+    w = spec((d, v), None, "model")
+    y = spec((n,), "data", dt=jnp.int32)
+    return x, w, y
+
+
+def temp_bytes(objective, mesh, n: int, d: int, v: int, dtype) -> int:
+    """Per-device temporary bytes of value_and_grad(objective) w.r.t. (x, w)."""
+    fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+    compiled = fn.lower(*_specs(mesh, n, d, v, dtype)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _objectives() -> dict:
+    out = {}
+    fused = getattr(xent_jax, "linear_cross_entropy", None)
+    if fused is not None:
+        out["linear_cross_entropy (fused)"] = lambda x, w, y: fused(
+            x, w, y, reduction="mean"
+        )
+    out["core loss on x @ w"] = lambda x, w, y: (
+        xent_jax.softmax_cross_entropy_with_integer_labels(x @ w, y, reduction="mean")
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes")
+    args = parser.parse_args()
+    n, d, v = SMOKE if args.smoke else FULL
+    dtype = jnp.float32
+    assert jax.device_count() >= 8, "needs 8 (simulated) devices"
+    if not hasattr(xent_jax, "linear_cross_entropy"):
+        print("xent_jax.linear_cross_entropy is not available: core loss only.")
+    mib = 2.0**20
+    logits = n * v * jnp.dtype(dtype).itemsize
+    print(
+        f"value_and_grad of the mean loss, N={n} D={d} V={v} {jnp.dtype(dtype).name}; "
+        f"the full logits are {logits / mib:,.1f} MiB. Temporary memory per device:"
+    )
+    print(
+        f"{'loss':<30} {'mesh':>6} {'temp MiB':>11} {'vs 1x1':>7} {'vs own logits':>14}"
+    )
+    for name, objective in _objectives().items():
+        base = None
+        for data, model in MESHES:
+            mesh = _mesh(data, model)
+            temp = temp_bytes(objective, mesh, n, d, v, dtype)
+            base = temp if base is None else base
+            own_logits = logits / (data * model)
+            print(
+                f"{name:<30} {f'{data}x{model}':>6} {temp / mib:>11,.1f} "
+                f"{temp / base:>7.3f} {temp / own_logits:>13.3f}x"
+            )
+    w_bytes = d * v * jnp.dtype(dtype).itemsize
+    x_bytes = n * d * jnp.dtype(dtype).itemsize
+    print(
+        "Beyond the loss's own buffers, data parallelism (8x1) keeps each "
+        f"device's partial dW ({w_bytes / mib:,.1f} MiB, W's size) until its "
+        "all-reduce over 'data', and vocabulary parallelism (1x8) each device's "
+        f"partial dx ({x_bytes / mib:,.1f} MiB) until its all-reduce over 'model'. "
+        "The fused loss's temporaries are blocks, whose size does not depend on V."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""Multi-device checks of xent_jax, on 8 simulated CPU devices.
+
+JAX fixes its device count when it starts, so these run in a fresh process
+(``tests/test_sharding.py`` launches one per case); the flag below is set
+before JAX is imported. Run by hand::
+
+    python tests/sharding_checks.py            # every case
+    python tests/sharding_checks.py gspmd vocab_parallel
+
+Each case compares values and gradients on the meshes (data x model) 8x1, 4x2,
+2x4 and 1x8 with the single-device result, raises ``AssertionError`` on a
+mismatch, and prints one JSON line ``{"case": ..., ...}`` with what it
+measured (largest errors, largest collective in the compiled HLO).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import xent_jax  # noqa: E402
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+N, C = 16, 48  # batch and classes: divisible by every mesh axis above
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def _mesh(shape, explicit=False):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(kind, kind))
+
+
+def _close(got, want, what, rtol=RTOL, atol=ATOL):
+    """Asserts allclose leaf by leaf; returns the largest absolute error."""
+    worst = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (what, g.shape, w.shape)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=what)
+        both = np.isfinite(w)
+        if both.any():
+            worst = max(worst, float(np.max(np.abs(g - w)[both])))
+    return worst
+
+
+def _data(seed=0, n=N, c=C):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)).astype(np.float32) * 2
+    labels = rng.integers(0, c, n).astype(np.int32)
+    labels[1] = -100  # ignored
+    soft = rng.dirichlet(np.ones(c), n).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    keep = rng.random((n, c)) > 0.25
+    keep[np.arange(n), np.maximum(labels, 0)] = True  # labels stay unmasked
+    keep[3] = False  # a fully masked row: loss 0, gradient 0
+    cot = rng.normal(size=n).astype(np.float32)
+    return {
+        "logits": jnp.asarray(logits),
+        "labels": jnp.asarray(labels),
+        "soft": jnp.asarray(soft),
+        "weights": jnp.asarray(weights),
+        "keep": jnp.asarray(keep),
+        "cot": jnp.asarray(cot),
+    }
+
+
+# --- HLO inspection -----------------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<type>.+?)\s+(?P<op>all-gather|all-to-all|all-reduce|"
+    r"collective-permute|reduce-scatter|collective-broadcast)(?:-start)?\("
+)
+_SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """Largest result (in elements) of each kind of collective in ``hlo``."""
+    largest: dict[str, int] = {}
+    for match in _COLLECTIVE.finditer(hlo):
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dims in _SHAPE.findall(match["type"])
+        ]
+        op = match["op"]
+        largest[op] = max(largest.get(op, 0), max(sizes, default=0))
+    return largest
+
+
+def _assert_only_scalars_move(hlo, per_device_logits, what, allow_all_reduce=None):
+    """No all-gather / all-to-all of anything near logits-size; all-reduces of
+    per-example scalars only (or up to ``allow_all_reduce`` elements)."""
+    found = collectives(hlo)
+    moving = {k: v for k, v in found.items() if k != "all-reduce"}
+    limit = per_device_logits // 4
+    assert all(v < limit for v in moving.values()), (what, found)
+    if allow_all_reduce is not None:
+        assert found.get("all-reduce", 0) <= allow_all_reduce, (what, found)
+    return found
+
+
+# --- cases ----------------------------------------------------------------------
+
+
+def _softmax_losses(d, axis_name=None, reduction_axis_name=None, keep=None):
+    """Integer- and soft-label losses with every option, for each reduction."""
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, axis_name=axis_name)
+    out = {}
+    for reduction in ("none", "sum", "mean"):
+        rn = reduction_axis_name if reduction != "none" else None
+        out["int_" + reduction] = xent_jax.softmax_cross_entropy_with_integer_labels(
+            d["logits"],
+            d["labels"],
+            where=keep,
+            ignore_index=-100,
+            class_weights=d["weights"],
+            reduction=reduction,
+            reduction_axis_name=rn,
+            **opts,
+        )
+        if reduction == "sum":
+            continue  # the same reduce_loss path as for integer labels
+        out["soft_" + reduction] = xent_jax.softmax_cross_entropy(
+            d["logits"],
+            d["soft"],
+            where=keep,
+            class_weights=d["weights"],
+            reduction=reduction,
+            reduction_axis_name=rn,
+            **opts,
+        )
+    return out
+
+
+def _value_and_grads(fn, d):
+    """``fn(d) -> dict of losses``; each output's gradient w.r.t. the logits and
+    the soft labels, from one forward pass (one ``jax.vjp``, pulled back once
+    per output: compiling a ``jax.grad`` per output is much slower)."""
+    values, pullback = jax.vjp(
+        lambda logits, soft: fn({**d, "logits": logits, "soft": soft}),
+        d["logits"],
+        d["soft"],
+    )
+    grads = {}
+    for key, value in values.items():
+        # A random per-example cotangent for "none" (a plain sum would hide a
+        # wrong per-example gradient), an arbitrary scale for the scalars.
+        cot = {k: jnp.zeros_like(v) for k, v in values.items()}
+        cot[key] = d["cot"] if value.ndim else jnp.asarray(1.7, value.dtype)
+        grads[key] = pullback(cot)
+    return values, grads
+
+
+def case_vocab_parallel():
+    """shard_map, classes split over "model" (axis_name) and examples over
+    "data" (reduction_axis_name): every option, every reduction."""
+    d = _data()
+    want = jax.jit(
+        lambda d: _value_and_grads(lambda d: _softmax_losses(d, keep=d["keep"]), d)
+    )(d)
+    errors = {}
+    for shape in MESHES:
+        mesh = _mesh(shape)
+        row, cls = P("data"), P("data", "model")
+        specs = {
+            "logits": cls,
+            "labels": row,
+            "soft": cls,
+            "weights": P("model"),
+            "keep": cls,
+            "cot": row,
+        }
+        out_specs = {k: row if k.endswith("_none") else P() for k in want[0]}
+
+        @functools.partial(
+            jax.shard_map, mesh=mesh, in_specs=(specs,), out_specs=out_specs
+        )
+        def sharded(d):
+            return _softmax_losses(
+                d, axis_name="model", reduction_axis_name="data", keep=d["keep"]
+            )
+
+        got = jax.jit(lambda d, f=sharded: _value_and_grads(f, d))(d)
+        errors[f"{shape[0]}x{shape[1]}"] = _close(got, want, f"mesh {shape}")
+    return {"max_abs_error": errors}
+
+
+def case_megatron_smoothing():
+    """Regression for Megatron-LM #737 / #7464: under vocabulary parallelism
+    label smoothing must spread a/C over the GLOBAL classes. Megatron used
+    each shard's C_local, which gives a different (wrong) loss."""
+    d = _data(1)
+    d["labels"] = jnp.maximum(d["labels"], 0)
+    a = 0.2
+    want = xent_jax.softmax_cross_entropy_with_integer_labels(
+        d["logits"], d["labels"], label_smoothing=a
+    )
+    results = {}
+    for shape in ((1, 8), (2, 4)):
+        mesh = _mesh(shape)
+
+        @functools.partial(
+            jax.shard_map,
+            mesh=mesh,
+            in_specs=(P("data", "model"), P("data")),
+            out_specs=P("data"),
+        )
+        def sharded(logits, labels):
+            return xent_jax.softmax_cross_entropy_with_integer_labels(
+                logits, labels, label_smoothing=a, axis_name="model"
+            )
+
+        got = jax.jit(sharded)(d["logits"], d["labels"])
+        _close(got, want, f"mesh {shape}")
+        # What the local-C formula gives, to show the test would catch it:
+        # smoothing mass a/C_local on each of the C classes sums to a*shards.
+        c_local = C // shape[1]
+        lse = jax.nn.logsumexp(d["logits"], axis=-1)
+        nll = lse - jnp.take_along_axis(d["logits"], d["labels"][:, None], 1)[:, 0]
+        smooth_local = jnp.sum(lse[:, None] - d["logits"], axis=-1) / c_local
+        megatron = (1 - a) * nll + a * smooth_local
+        gap = float(jnp.max(jnp.abs(megatron - want)))
+        assert gap > 1.0, gap
+        results[f"{shape[0]}x{shape[1]}"] = {"megatron_style_gap": gap}
+    return results
+
+
+def case_padded_vocab():
+    """C = 45 classes padded to 48 (a multiple of 8 shards) with -inf logits
+    masked by ``where``: equals the unpadded single-device loss, smoothing's C
+    being 45, under shard_map and under GSPMD."""
+    d = _data(2, c=45)
+    pad = C - 45
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, ignore_index=-100)
+    w = d["weights"]
+    want_fn = jax.value_and_grad(
+        lambda x: jnp.sum(
+            d["cot"]
+            * xent_jax.softmax_cross_entropy_with_integer_labels(
+                x, d["labels"], class_weights=w, **opts
+            )
+        )
+    )
+    want = jax.jit(want_fn)(d["logits"])
+    logits = jnp.pad(d["logits"], ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    weights = jnp.pad(w, (0, pad), constant_values=1.0)
+    valid = jnp.broadcast_to(jnp.arange(C) < 45, logits.shape)
+
+    def padded(x, labels, weights, valid, cot, axis_name=None):
+        return jnp.sum(
+            cot
+            * xent_jax.softmax_cross_entropy_with_integer_labels(
+                x,
+                labels,
+                where=valid,
+                class_weights=weights,
+                axis_name=axis_name,
+                **opts,
+            )
+        )
+
+    errors = {}
+    for shape in ((1, 8), (2, 4)):
+        mesh = _mesh(shape)
+
+        sharded = jax.shard_map(
+            lambda x, labels, weights, cot: _padded_body(
+                padded, x, labels, weights, cot
+            ),
+            mesh=mesh,
+            in_specs=(P("data", "model"), P("data"), P("model"), P("data")),
+            out_specs=(P(), P("data", "model")),
+        )
+        value, grad = jax.jit(sharded)(logits, d["labels"], weights, d["cot"])
+        key = f"shard_map {shape[0]}x{shape[1]}"
+        errors[key] = _close((value, grad[:, :45]), want, key)
+        assert np.all(np.asarray(grad[:, 45:]) == 0), "padding got a gradient"
+
+        # GSPMD: the same padded arrays placed on the mesh, no shard_map.
+        put = lambda a, *s, mesh=mesh: jax.device_put(a, NamedSharding(mesh, P(*s)))  # noqa: E731
+        args = (
+            put(logits, "data", "model"),
+            put(d["labels"], "data"),
+            put(weights, "model"),
+            put(valid, "data", "model"),
+            put(d["cot"], "data"),
+        )
+        value, grad = jax.jit(jax.value_and_grad(padded))(*args)
+        key = f"gspmd {shape[0]}x{shape[1]}"
+        errors[key] = _close((value, grad[:, :45]), want, key)
+        assert np.all(np.asarray(grad[:, 45:]) == 0), "padding got a gradient"
+    return {"max_abs_error": errors}
+
+
+def _padded_body(padded, x, labels, weights, cot):
+    ids = jax.lax.axis_index("model") * x.shape[-1] + jnp.arange(x.shape[-1])
+    valid = jnp.broadcast_to(ids < 45, x.shape)
+    value, grad = jax.value_and_grad(padded)(x, labels, weights, valid, cot, "model")
+    return jax.lax.psum(value, "data"), grad
+
+
+def _mlp(params, x):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def case_data_parallel():
+    """reduction="mean" with reduction_axis_name: the update inside shard_map
+    (replicated parameters, examples split over "data", classes over "model"
+    for the last layer) equals the one-big-batch update, with check_vma on
+    (no explicit psum: JAX sums replicated parameters' gradients) and off
+    (the classic explicit psum). Devices get unequal numbers of scored
+    examples, so a mean of per-device means would be wrong."""
+    rng = np.random.default_rng(3)
+    n, f, h = 32, 6, 8
+    x = jnp.asarray(rng.normal(size=(n, f)), jnp.float32)
+    y = rng.integers(0, C, n).astype(np.int32)
+    y[:7] = -100  # all on the first data shard(s): unequal denominators
+    y = jnp.asarray(y)
+    cw = jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(f, h)), jnp.float32),
+        "b1": jnp.zeros(h),
+        "w2": jnp.asarray(rng.normal(size=(h, C)), jnp.float32),
+        "b2": jnp.zeros(C),
+    }
+
+    def loss(params, x, y, cw, **kw):
+        return xent_jax.softmax_cross_entropy_with_integer_labels(
+            _mlp(params, x),
+            y,
+            ignore_index=-100,
+            class_weights=cw,
+            label_smoothing=0.1,
+            reduction="mean",
+            **kw,
+        )
+
+    want = jax.jit(jax.value_and_grad(loss))(params, x, y, cw)
+    errors = {}
+    for shape in MESHES:
+        mesh = _mesh(shape)
+        # The last layer is split over "model" (vocabulary parallelism).
+        pspec = {"w1": P(), "b1": P(), "w2": P(None, "model"), "b2": P("model")}
+        # check_vma=False (the classic explicit psum) on the 2-D meshes only.
+        for check_vma in (True, False) if 1 not in shape else (True,):
+
+            def step(params, x, y, cw, check_vma=check_vma):
+                value, grads = jax.value_and_grad(loss)(
+                    params, x, y, cw, axis_name="model", reduction_axis_name="data"
+                )
+                if not check_vma:
+                    # Without vma types nothing sums the per-device shares.
+                    grads = jax.lax.psum(grads, "data")
+                    # w1, b1 feed every class shard: their shares are per
+                    # "model" device too.
+                    grads["w1"], grads["b1"] = jax.lax.psum(
+                        (grads["w1"], grads["b1"]), "model"
+                    )
+                return value, grads
+
+            sharded = jax.shard_map(
+                step,
+                mesh=mesh,
+                in_specs=(pspec, P("data"), P("data"), P("model")),
+                out_specs=(P(), pspec),
+                check_vma=check_vma,
+            )
+            got = jax.jit(sharded)(params, x, y, cw)
+            key = f"{shape[0]}x{shape[1]} check_vma={check_vma}"
+            errors[key] = _close(got, want, key)
+
+    # Gradient accumulation: two micro-batches with normalizer = the global
+    # denominator add up to the one-big-batch gradient.
+    den = jnp.sum(jnp.where(y != -100, cw[jnp.maximum(y, 0)], 0))
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    acc = [
+        jax.value_and_grad(loss)(params, x[s], y[s], cw, normalizer=den) for s in halves
+    ]
+    total = jax.tree.map(lambda a, b: a + b, *acc)
+    errors["accumulation"] = _close(total, want, "gradient accumulation")
+    # ... and the naive mean of micro-batch means is not (the test has teeth).
+    naive = jax.tree.map(
+        lambda a, b: (a + b) / 2,
+        *[jax.value_and_grad(loss)(params, x[s], y[s], cw) for s in halves],
+    )
+    assert abs(float(naive[0]) - float(want[0])) > 1e-3
+    return {"max_abs_error": errors}
+
+
+def _gspmd_losses():
+    losses = {
+        "int": lambda x, d: xent_jax.softmax_cross_entropy_with_integer_labels(
+            x,
+            d["labels"],
+            where=d["keep"],
+            ignore_index=-100,
+            class_weights=d["weights"],
+            label_smoothing=0.1,
+            z_loss=1e-3,
+        ),
+        "soft": lambda x, d: xent_jax.softmax_cross_entropy(
+            x,
+            d["soft"],
+            where=d["keep"],
+            class_weights=d["weights"],
+            label_smoothing=0.1,
+            z_loss=1e-3,
+        ),
+        "bce": lambda x, d: xent_jax.sigmoid_binary_cross_entropy(
+            x, d["soft"] * C / 2, weights=d["keep"].astype(jnp.float32)
+        ),
+    }
+    return losses
+
+
+def _gspmd_objective(loss, x, d):
+    out = loss(x, d)
+    if out.ndim == 2:
+        return jnp.sum(out * d["cot"][:, None]) / out.size
+    return jnp.sum(out * d["cot"])
+
+
+def _placed(d, mesh, soft_spec=("data", "model")):
+    cls = NamedSharding(mesh, P("data", "model"))
+    row = NamedSharding(mesh, P("data"))
+    specs = {
+        "logits": cls,
+        "labels": row,
+        "soft": NamedSharding(mesh, P(*soft_spec)),
+        "weights": NamedSharding(mesh, P("model")),
+        "keep": cls,
+        "cot": row,
+    }
+    return {k: jax.device_put(v, specs[k]) for k, v in d.items()}
+
+
+def case_gspmd(explicit=False):
+    """jax.jit with NamedSharding inputs (logits on data x model): values and
+    gradients (logits, soft labels) equal one device's, and the compiled HLO
+    moves only per-example scalars."""
+    d = _data(4)
+    losses = _gspmd_losses()
+    report = {}
+    for name, loss in losses.items():
+        fn = jax.value_and_grad(
+            lambda x, soft, d, loss=loss: _gspmd_objective(
+                loss, x, {**d, "soft": soft}
+            ),
+            argnums=(0, 1),
+        )
+        want = jax.jit(fn)(d["logits"], d["soft"], d)
+        for shape in MESHES:
+            mesh = _mesh(shape, explicit)
+            # Explicit axes: the soft labels also come replicated over the
+            # class axis, whose cotangent must then come back replicated.
+            soft_spec = ("data", None) if explicit and shape == (2, 4) else None
+            dd = _placed(d, mesh, soft_spec or ("data", "model"))
+            jitted = jax.jit(fn)
+            got = jitted(dd["logits"], dd["soft"], dd)
+            key = f"{name} {shape[0]}x{shape[1]}"
+            err = _close(got, want, key)
+            hlo = jitted.lower(dd["logits"], dd["soft"], dd).compile().as_text()
+            per_device = N * C // (shape[0] * shape[1])
+            if soft_spec is None:
+                found = _assert_only_scalars_move(
+                    hlo, per_device, key, allow_all_reduce=N // shape[0]
+                )
+            else:
+                # Labels replicated over the classes want their gradient
+                # replicated too: that gather is the caller's placement.
+                found = collectives(hlo)
+            report[key] = {"max_abs_error": err, "collectives": found}
+            if not explicit:
+                out_sharding = got[1][0].sharding
+                assert out_sharding.spec == P("data", "model"), (key, out_sharding)
+    return report
+
+
+def case_gspmd_explicit():
+    """The same with Explicit mesh axes (sharding in types, the default of
+    ``jax.make_mesh`` in recent jax)."""
+    return case_gspmd(explicit=True)
+
+
+def case_gspmd_linear():
+    """linear_cross_entropy under GSPMD: x on "data", w on the vocabulary
+    ("model"): no all-gather of W or of the logits."""
+    fused = getattr(xent_jax, "linear_cross_entropy", None)
+    if fused is None:
+        return {"skipped": "xent_jax.linear_cross_entropy is not available"}
+    rng = np.random.default_rng(5)
+    n, dim, v = 32, 16, 256
+    x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(dim, v)) * 0.3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+
+    def fn(x, w, y):
+        return fused(x, w, y, label_smoothing=0.1, z_loss=1e-3, reduction="mean")
+
+    vg = jax.value_and_grad(fn, argnums=(0, 1))
+    want = jax.jit(vg)(x, w, y)
+    report = {}
+    for shape in MESHES:
+        mesh = _mesh(shape)
+        args = (
+            jax.device_put(x, NamedSharding(mesh, P("data"))),
+            jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(y, NamedSharding(mesh, P("data"))),
+        )
+        jitted = jax.jit(vg)
+        got = jitted(*args)
+        key = f"{shape[0]}x{shape[1]}"
+        err = _close(got, want, key, rtol=1e-4, atol=1e-5)
+        found = collectives(jitted.lower(*args).compile().as_text())
+        moving = {k: s for k, s in found.items() if k != "all-reduce"}
+        # A W-sized or logits-sized gather is what must not happen. (dW's
+        # all-reduce over "data" and dx's over "model" are the matmuls' own.)
+        limit = min(dim * v // shape[1], n * v // (shape[0] * shape[1])) // 4
+        assert all(s < max(limit, 1) for s in moving.values()), (key, found)
+        report[key] = {"max_abs_error": err, "collectives": found}
+    return report
+
+
+def case_label_range():
+    """Under axis_name the range of valid labels is the global [0, C): the
+    eager check (concrete labels) and the traced NaN both use it."""
+    d = _data(6)
+    mesh = _mesh((1, 8))
+    labels = np.arange(N, dtype=np.int32) * 3  # 0 .. 45: beyond C_local = 6
+    bad = labels.copy()
+    bad[5] = C  # the first id past the global range
+
+    def run(labels, concrete):
+        def body(x, y):
+            y = labels if concrete else y  # closed over: a concrete array
+            return xent_jax.softmax_cross_entropy_with_integer_labels(
+                x, y, axis_name="model"
+            )
+
+        return jax.jit(
+            jax.shard_map(
+                body, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P()
+            )
+        )(d["logits"], jnp.asarray(labels))
+
+    want = xent_jax.softmax_cross_entropy_with_integer_labels(d["logits"], labels)
+    _close(run(labels, True), want, "concrete labels")
+    _close(run(labels, False), want, "traced labels")
+    try:
+        run(bad, True)
+    except ValueError as e:
+        assert "[5]" in str(e) and f"[0, {C})" in str(e), e
+    else:
+        raise AssertionError("an out-of-range concrete label did not raise")
+    out = np.asarray(run(bad, False))
+    assert np.isnan(out[5]) and np.isfinite(np.delete(out, 5)).all(), out
+    return {"ok": True}
+
+
+def case_reduction_axis_checks():
+    """reduction_axis_name must not name the class axis; BCE's global mean."""
+    mesh = _mesh((2, 4))
+    d = _data(7)
+    try:
+        jax.shard_map(
+            lambda x, y: xent_jax.softmax_cross_entropy_with_integer_labels(
+                x, y, axis_name="model", reduction_axis_name=("data", "model")
+            ),
+            mesh=mesh,
+            in_specs=(P("data", "model"), P("data")),
+            out_specs=P(),
+        )(d["logits"], d["labels"])
+    except ValueError as e:
+        assert "reduction_axis_name" in str(e), e
+    else:
+        raise AssertionError("overlapping axes were accepted")
+
+    # BCE over elements split on both axes: the global mean over all of them.
+    def bce(x, y, **kw):
+        return xent_jax.sigmoid_binary_cross_entropy(x, y, reduction="mean", **kw)
+
+    want = jax.value_and_grad(bce)(d["logits"], d["soft"])
+    got = jax.jit(
+        jax.shard_map(
+            lambda x, y: jax.value_and_grad(bce)(
+                x, y, reduction_axis_name=("data", "model")
+            ),
+            mesh=mesh,
+            in_specs=(P("data", "model"),) * 2,
+            out_specs=(P(), P("data", "model")),
+        )
+    )(d["logits"], d["soft"])
+    return {"max_abs_error": _close(got, want, "bce global mean")}
+
+
+CASES = {
+    name[len("case_") :]: fn
+    for name, fn in globals().items()
+    if name.startswith("case_")
+}
+
+
+def main(names: list[str]) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    for name in names or list(CASES):
+        start = time.perf_counter()
+        result = CASES[name]()
+        result = {
+            "case": name,
+            "seconds": round(time.perf_counter() - start, 2),
+            **result,
+        }
+        print(json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,83 @@
+"""Small helpers that let the kernels run under every kind of JAX sharding.
+
+Three regimes meet here: ``jax.shard_map`` (manual axes, whose values carry
+the set of axes they vary over when ``check_vma=True``), GSPMD under
+``jax.jit`` with ``Auto`` mesh axes (types carry no sharding; XLA partitions
+the program) and ``Explicit`` mesh axes (jax's "sharding in types", the
+default axis type of ``jax.make_mesh`` in recent jax), where every array's
+type names the mesh axes it is split over and the program must say where a
+reduction lands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def axes_tuple(axis_name: Any) -> tuple[Any, ...]:
+    """``axis_name`` (one name or a tuple of them) as a tuple."""
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _vma(x: Any) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # jax 0.7 - 0.8
+
+
+def varying_axes(x: Any, axis_name: Any) -> tuple[Any, ...]:
+    """The axes of ``axis_name`` over which ``x`` varies under ``check_vma``.
+
+    Without ``check_vma`` (or outside ``shard_map``) JAX tracks no such type,
+    and this is empty.
+    """
+    vma = _vma(x)
+    return tuple(a for a in axes_tuple(axis_name) if a in vma)
+
+
+def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
+    """Marks an invariant value as varying over ``axes`` (no data moves)."""
+    if not axes:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # jax < 0.9
+
+
+def _explicit_spec(x: Any):
+    """``x``'s PartitionSpec when its type carries one (Explicit axes), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(s is None for s in spec):
+        return None
+    return spec
+
+
+def class_axis_in_type(x: Any) -> bool:
+    """Whether ``x``'s last (class) axis is split over an Explicit mesh axis.
+
+    There a gather along the class axis cannot be typed without moving data,
+    so the kernel reads the label's logit by a masked reduction instead.
+    """
+    spec = _explicit_spec(x)
+    return spec is not None and len(spec) == jax.typeof(x).ndim and spec[-1] is not None
+
+
+def like(ct: jax.Array, primal: Any) -> jax.Array:
+    """``ct`` with the sharding in ``primal``'s type (a custom_vjp must return
+    cotangents typed like its inputs; under Explicit axes the cotangent of a
+    replicated label array computed from sharded logits is sharded)."""
+    reshard = getattr(jax.sharding, "reshard", None)
+    want = getattr(jax.typeof(primal), "sharding", None)
+    have = getattr(jax.typeof(ct), "sharding", None)
+    if reshard is None or want is None or have is None:
+        return ct
+    if _explicit_spec(primal) is None and _explicit_spec(ct) is None:
+        return ct
+    if tuple(want.spec) == tuple(have.spec):
+        return ct
+    return reshard(ct, want)
