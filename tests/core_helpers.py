@@ -52,8 +52,15 @@ def assert_close(actual, expected, dtype=jnp.float32, **kw):
     )
 
 
-def check_value_and_vjp(f, f_ref, primals, argnums=(0,), seed=3, dtype=jnp.float32):
-    """Values and VJPs (random cotangent) of f match f_ref w.r.t. argnums."""
+def check_value_and_vjp(
+    f, f_ref, primals, argnums=(0,), seed=3, dtype=jnp.float32, jit=True
+):
+    """Values and VJPs (random cotangent) of f match f_ref w.r.t. argnums.
+
+    Each side runs as one jitted program by default (compiling a whole
+    function is much cheaper than compiling every primitive eagerly); the
+    chex-variant tests cover the un-jitted path.
+    """
 
     def restrict(fn):
         def g(*diff):
@@ -65,13 +72,19 @@ def check_value_and_vjp(f, f_ref, primals, argnums=(0,), seed=3, dtype=jnp.float
         return g
 
     diff = [primals[i] for i in argnums]
-    out, vjp = jax.vjp(restrict(f), *diff)
-    out_r, vjp_r = jax.vjp(restrict(f_ref), *diff)
+    out_shape = jax.eval_shape(restrict(f_ref), *diff)
+    ct = cotangent_like(jnp.zeros(out_shape.shape, out_shape.dtype), seed)
+
+    def run(fn, ct, *d):
+        out, vjp = jax.vjp(restrict(fn), *d)
+        return out, vjp(ct.astype(out.dtype))
+
+    if jit:
+        run = jax.jit(run, static_argnums=0)
+    out, grads = run(f, ct, *diff)
+    out_r, grads_r = run(f_ref, ct, *diff)
     assert out.shape == out_r.shape, (out.shape, out_r.shape)
     assert_close(out, out_r, dtype)
-    ct = cotangent_like(out_r, seed).astype(out.dtype)
-    grads = vjp(ct)
-    grads_r = vjp_r(ct.astype(out_r.dtype))
     for g, g_r in zip(grads, grads_r, strict=True):
         assert g.shape == g_r.shape
         assert_close(g, g_r, dtype)

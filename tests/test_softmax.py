@@ -30,7 +30,7 @@ import xent_jax as xj
 
 N, C = 6, 5
 
-# --- case builders -----------------------------------------------------------
+# --- case builders ------------------------------------------------------------
 
 
 def _class_weights(c=C, seed=7):
@@ -212,7 +212,7 @@ def _soft_den(x, axis, where):
     return int(w.sum())
 
 
-# --- hand-computed values ----------------------------------------------------
+# --- hand-computed values -----------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -261,7 +261,7 @@ def test_default_implementation_is_custom_vjp():
     np.testing.assert_array_equal(g0, g1)
 
 
-# --- every option, reduction="none", random cotangent --------------------------
+# --- every option, reduction="none", random cotangent -------------------------
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -320,7 +320,7 @@ def test_soft_gradient_rows_with_unnormalised_targets(impl):
     assert_close(g, expected)
 
 
-# --- reductions --------------------------------------------------------------
+# --- reductions ---------------------------------------------------------------
 
 
 REDUCTIONS = [("sum", None), ("mean", None), ("mean", 3.5)]
@@ -497,7 +497,7 @@ def test_all_ignored_or_masked_mean_is_zero_with_zero_grad(impl, soft):
     np.testing.assert_array_equal(g, jnp.zeros_like(x))
 
 
-# --- parity with optax ---------------------------------------------------------
+# --- parity with optax --------------------------------------------------------
 
 
 def _optax_int_cases():
@@ -559,7 +559,7 @@ def test_soft_parity_with_optax(impl, case):
     check_value_and_vjp(f, fo, (x, t), argnums=argnums)
 
 
-# --- chex variants: with and without jit -------------------------------------------
+# --- chex variants: with and without jit --------------------------------------
 
 
 class VariantsTest(chex.TestCase):
