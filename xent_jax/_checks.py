@@ -75,6 +75,26 @@ def check_static_float(value: Any, name: str, low: float, high: float) -> float:
     return value
 
 
+def check_common_options(
+    reduction: str,
+    implementation: str | None,
+    implementations: Sequence[str],
+    label_smoothing: Any,
+    z_loss: Any,
+) -> tuple[str, float, float]:
+    """Validates the options every softmax loss shares.
+
+    Returns the implementation (the first of ``implementations`` for ``None``),
+    ``label_smoothing`` and ``z_loss`` as Python floats.
+    """
+    check_choice(reduction, REDUCTIONS, "reduction")
+    implementation = implementations[0] if implementation is None else implementation
+    check_choice(implementation, implementations, "implementation")
+    label_smoothing = check_static_float(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z_loss = check_static_float(z_loss, "z_loss", 0.0, float("inf"))
+    return implementation, label_smoothing, z_loss
+
+
 def canonical_axes(axis: int | tuple[int, ...], ndim: int, name: str = "axis"):
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     if not axes or not all(isinstance(a, int) for a in axes):

@@ -593,13 +593,9 @@ def linear_cross_entropy(
     _checks.check_floating(x, "x")
     _checks.check_floating(w, "w")
     _checks.check_integer(labels, "labels")
-    _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
-    implementation = "blockwise" if implementation is None else implementation
-    _checks.check_choice(implementation, IMPLEMENTATIONS, "implementation")
-    label_smoothing = _checks.check_static_float(
-        label_smoothing, "label_smoothing", 0.0, 1.0
+    implementation, label_smoothing, z_loss = _checks.check_common_options(
+        reduction, implementation, IMPLEMENTATIONS, label_smoothing, z_loss
     )
-    z_loss = _checks.check_static_float(z_loss, "z_loss", 0.0, float("inf"))
     if logit_softcap is not None:
         logit_softcap = _checks.check_static_float(
             logit_softcap, "logit_softcap", 0.0, float("inf")

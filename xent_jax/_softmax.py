@@ -375,13 +375,9 @@ def _softmax_loss(
         _checks.check_integer(labels, "labels")
     else:
         _checks.check_floating(labels, "labels")
-    _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
-    implementation = "custom_vjp" if implementation is None else implementation
-    _checks.check_choice(implementation, IMPLEMENTATIONS, "implementation")
-    label_smoothing = _checks.check_static_float(
-        label_smoothing, "label_smoothing", 0.0, 1.0
+    implementation, label_smoothing, z_loss = _checks.check_common_options(
+        reduction, implementation, IMPLEMENTATIONS, label_smoothing, z_loss
     )
-    z_loss = _checks.check_static_float(z_loss, "z_loss", 0.0, float("inf"))
     if ignore_index is not None and not integer:
         raise ValueError("ignore_index applies to integer labels only.")
     if ignore_index is not None:
