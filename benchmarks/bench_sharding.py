@@ -6,12 +6,17 @@ and 8x1 (examples split 8 ways), it prints the temporary memory that
 ``compiled.memory_analysis()`` reports per device for
 
 * the fused ``linear_cross_entropy(x, w, y)``, x on "data" and w on the
-  vocabulary ("model"), at N=8192, D=1024, V=131072 (float32);
+  vocabulary ("model"), at N=8192, D=1024, V=131072 (float32), partitioned by
+  GSPMD under ``jax.jit``;
+* the same inside ``jax.shard_map`` with ``axis_name="model"`` (vocabulary
+  parallelism) and ``reduction_axis_name="data"``;
 * the core ``softmax_cross_entropy_with_integer_labels(h @ w, y)`` in the same
   setting, where the logits are an intermediate, as bench_xent.py measures it
   on one device.
 
-Both should fall roughly as 1/devices along either axis. 8 CPU devices are
+The core loss's temporaries are the logits and fall as 1/devices along either
+axis; the fused loss's are blocks whose size does not depend on V, plus the
+partial dx that vocabulary parallelism sums over "model". 8 CPU devices are
 simulated (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here
 before JAX starts)::
 
@@ -68,12 +73,18 @@ def temp_bytes(objective, mesh, n: int, d: int, v: int, dtype) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def _objectives() -> dict:
+def _objectives(mesh) -> dict:
     out = {}
     fused = getattr(xent_jax, "linear_cross_entropy", None)
     if fused is not None:
-        out["linear_cross_entropy (fused)"] = lambda x, w, y: fused(
-            x, w, y, reduction="mean"
+        out["fused, GSPMD"] = lambda x, w, y: fused(x, w, y, reduction="mean")
+        out["fused, shard_map axis_name"] = jax.shard_map(
+            lambda x, w, y: fused(
+                x, w, y, axis_name="model", reduction_axis_name="data"
+            ),
+            mesh=mesh,
+            in_specs=(P("data"), P(None, "model"), P("data")),
+            out_specs=P(),
         )
     out["core loss on x @ w"] = lambda x, w, y: (
         xent_jax.softmax_cross_entropy_with_integer_labels(x @ w, y, reduction="mean")
@@ -99,10 +110,11 @@ def main() -> None:
     print(
         f"{'loss':<30} {'mesh':>6} {'temp MiB':>11} {'vs 1x1':>7} {'vs own logits':>14}"
     )
-    for name, objective in _objectives().items():
+    for name in _objectives(_mesh(1, 1)):
         base = None
         for data, model in MESHES:
             mesh = _mesh(data, model)
+            objective = _objectives(mesh)[name]
             temp = temp_bytes(objective, mesh, n, d, v, dtype)
             base = temp if base is None else base
             own_logits = logits / (data * model)
@@ -115,9 +127,10 @@ def main() -> None:
     print(
         "Beyond the loss's own buffers, data parallelism (8x1) keeps each "
         f"device's partial dW ({w_bytes / mib:,.1f} MiB, W's size) until its "
-        "all-reduce over 'data', and vocabulary parallelism (1x8) each device's "
-        f"partial dx ({x_bytes / mib:,.1f} MiB) until its all-reduce over 'model'. "
-        "The fused loss's temporaries are blocks, whose size does not depend on V."
+        "all-reduce over 'data' (the fused loss under shard_map sums dW block by "
+        "block instead), and vocabulary parallelism (1x8) each device's partial "
+        f"dx ({x_bytes / mib:,.1f} MiB) until its all-reduce over 'model'. The "
+        "fused loss's other temporaries are blocks, whose size does not depend on V."
     )
 
 

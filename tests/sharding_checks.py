@@ -537,6 +537,139 @@ def case_gspmd_linear():
     return report
 
 
+def case_linear_vocab_parallel():
+    """linear_cross_entropy(axis_name="model") inside shard_map, in a training
+    step (a replicated hidden layer, the head's w and bias split over "model",
+    examples over "data"): values and gradients equal the one-device loss for
+    every option, with check_vma on and off; the vocabulary of 45 classes is
+    padded to 48 with random columns that num_classes masks out; only
+    per-example scalars (and dx's parts, dW over "data") cross devices."""
+    rng = np.random.default_rng(8)
+    n, f, h, v = 32, 6, 8, 45
+    x = jnp.asarray(rng.normal(size=(n, f)), jnp.float32)
+    y = rng.integers(0, v, n).astype(np.int32)
+    y[:5] = -100  # unequal denominators across data shards
+    y[-1] = v - 1  # a label in the last shard's last real column
+    y = jnp.asarray(y)
+    cot = jnp.asarray(rng.normal(size=n), jnp.float32)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(f, h)), jnp.float32),
+        "b1": jnp.asarray(rng.normal(size=h) * 0.1, jnp.float32),
+        "w": jnp.asarray(rng.normal(size=(h, v)) * 0.5, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=v) * 0.1, jnp.float32),
+    }
+    cw = jnp.asarray(rng.uniform(0.5, 2.0, v), jnp.float32)
+    pad = C - v  # 48 columns: divisible by every mesh's "model" axis
+    padded = {
+        **params,
+        "w": jnp.pad(params["w"], ((0, 0), (0, pad)))
+        + jnp.pad(
+            jnp.asarray(rng.normal(size=(h, pad)) * 5, jnp.float32), ((0, 0), (v, 0))
+        ),
+        "b": jnp.pad(params["b"], (0, pad), constant_values=3.0),
+    }
+    cw_padded = jnp.pad(cw, (0, pad), constant_values=7.0)
+    # Small blocks: the loops (and the filter's cond) run several steps, whose
+    # carries must be typed alike under check_vma.
+    variants = {
+        "all_options": dict(
+            label_smoothing=0.1,
+            z_loss=1e-3,
+            logit_softcap=4.0,
+            class_weights=True,
+            block_size=(3, 2),
+        ),
+        "filtered_exact": dict(
+            filter_threshold=0.0, class_weights=True, block_size=(3, 2)
+        ),
+    }
+
+    def objective(params, x, y, cot, cw, opts, check_vma=True, **kw):
+        """The global mean plus per-example terms (a random cotangent on the
+        "none" losses and on lse); returns it with its two parts."""
+        opts = dict(opts)
+        opts["class_weights"] = cw if opts.get("class_weights") else None
+        hid = jnp.tanh(x @ params["w1"] + params["b1"])
+        common = dict(bias=params["b"], ignore_index=-100, num_classes=v, **opts)
+        rn = kw.pop("reduction_axis_name", None)
+        mean = xent_jax.linear_cross_entropy(
+            hid, params["w"], y, reduction_axis_name=rn, **common, **kw
+        )
+        none, lse = xent_jax.linear_cross_entropy(
+            hid, params["w"], y, reduction="none", return_lse=True, **common, **kw
+        )
+        local = jnp.sum(cot * none) + 0.1 * jnp.sum(cot * lse)
+        if rn is not None and check_vma:
+            # A typed shard_map differentiates the sum over devices of a
+            # varying output: make the objective invariant over "data".
+            local = jax.lax.psum(local, rn)
+        return mean + local, (mean, local)
+
+    report = {}
+    for name, opts in variants.items():
+        opts = tuple(opts.items())
+        (_, want_parts), want_grads = jax.jit(
+            jax.value_and_grad(objective, has_aux=True), static_argnums=5
+        )(params, x, y, cot, cw, opts)
+        for shape in MESHES:
+            mesh = _mesh(shape)
+            pspec = {"w1": P(), "b1": P(), "w": P(None, "model"), "b": P("model")}
+            for check_vma in (True, False):
+
+                def step(params, x, y, cot, cw, opts=opts, check_vma=check_vma):
+                    (_, (mean, local)), grads = jax.value_and_grad(
+                        objective, has_aux=True
+                    )(
+                        params,
+                        x,
+                        y,
+                        cot,
+                        cw,
+                        opts,
+                        check_vma,
+                        axis_name="model",
+                        reduction_axis_name="data",
+                    )
+                    if not check_vma:
+                        # Without vma types the caller sums the shares: over
+                        # "data" for every parameter, and over "model" for
+                        # those before the head (dx's parts), as for x @ w.
+                        local = jax.lax.psum(local, "data")
+                        grads = jax.lax.psum(grads, "data")
+                        grads["w1"], grads["b1"] = jax.lax.psum(
+                            (grads["w1"], grads["b1"]), "model"
+                        )
+                    return (mean, local), grads
+
+                sharded = jax.jit(
+                    jax.shard_map(
+                        step,
+                        mesh=mesh,
+                        in_specs=(pspec, P("data"), P("data"), P("data"), P("model")),
+                        out_specs=((P(), P()), pspec),
+                        check_vma=check_vma,
+                    )
+                )
+                args = (padded, x, y, cot, cw_padded)
+                parts, grads = sharded(*args)
+                key = f"{name} {shape[0]}x{shape[1]} check_vma={check_vma}"
+                assert np.all(np.asarray(grads["w"][:, v:]) == 0), key
+                assert np.all(np.asarray(grads["b"][v:]) == 0), key
+                grads = {**grads, "w": grads["w"][:, :v], "b": grads["b"][:v]}
+                err = _close(
+                    (parts, grads), (want_parts, want_grads), key, rtol=1e-4, atol=1e-5
+                )
+                hlo = sharded.lower(*args).compile().as_text()
+                per_device_logits = n * C // (shape[0] * shape[1])
+                # All-reduces: per-example scalars, dx's parts over "model"
+                # and the parameter gradients over "data"; nothing else moves.
+                largest = max(n // shape[0] * h, h * C // shape[1], f * h)
+                found = _assert_only_scalars_move(hlo, per_device_logits, key, largest)
+                assert "all-gather" not in found and "all-to-all" not in found, found
+                report[key] = {"max_abs_error": err, "collectives": found}
+    return report
+
+
 def case_label_range():
     """Under axis_name the range of valid labels is the global [0, C): the
     eager check (concrete labels) and the traced NaN both use it."""

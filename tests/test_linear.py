@@ -239,6 +239,53 @@ def test_masked_vocabulary_with_minus_inf_bias():
     assert loss[0] == np.inf
 
 
+@pytest.mark.parametrize("name", ["all", "class_weights", "plain"])
+def test_padded_vocabulary_num_classes(name):
+    """num_classes=V masks padding columns (random, large, any bias): values
+    and gradients equal the unpadded loss, padding gets no gradient, labels
+    at or past num_classes are out of range. Blockwise and reference, with
+    the padding inside and across the last block."""
+    x, w, b, y, cw = _data(v=V_ODD)
+    opts, y = _opts(name, cw, y)
+    pad = 13
+    rng = np.random.default_rng(9)
+    w_pad = jnp.concatenate([w, jnp.asarray(rng.normal(size=(D, pad)) * 9)], 1)
+    b_pad = jnp.concatenate([b, jnp.full((pad,), 5.0)])
+    cw_pad = jnp.concatenate([cw, jnp.full((pad,), 3.0)])
+    if "class_weights" in opts:
+        opts["class_weights"] = cw_pad
+    ct = jnp.asarray(rng.normal(size=N), jnp.float32)
+
+    def objective(x, w, b, impl, **kw):
+        out = linear_cross_entropy(
+            x, w, y, bias=b, reduction="none", implementation=impl, **kw
+        )
+        return jnp.sum(ct * out)
+
+    unpadded = dict(opts)
+    if "class_weights" in opts:
+        unpadded["class_weights"] = cw
+    want = jax.value_and_grad(objective, argnums=(0, 1, 2))(
+        x, w, b, "reference", **unpadded
+    )
+    for impl, block_size in [("reference", None), ("blockwise", (5, 24))]:
+        kw = dict(opts, num_classes=V_ODD)
+        if block_size:
+            kw["block_size"] = block_size
+        value, (dx, dw, db) = jax.value_and_grad(objective, argnums=(0, 1, 2))(
+            x, w_pad, b_pad, impl, **kw
+        )
+        _close(value, want[0], scale=True)
+        for got, ref in zip((dx, dw[:, :V_ODD], db[:V_ODD]), want[1], strict=True):
+            _close(got, ref, scale=True)
+        assert np.all(np.asarray(dw[:, V_ODD:]) == 0)
+        assert np.all(np.asarray(db[V_ODD:]) == 0)
+    with pytest.raises(
+        ValueError, match=r"out of range: class ids must lie in \[0, 203\)"
+    ):
+        linear_cross_entropy(x, w_pad, y.at[0].set(V_ODD), num_classes=V_ODD)
+
+
 def test_return_lse():
     x, w, b, y, cw = _data()
     y = jnp.where(y == IGNORE, 0, y)
@@ -396,8 +443,10 @@ def test_shape_and_dtype_errors():
         linear_cross_entropy(x, w, y, ignore_index=IGNORE, block_size=(1, 2, 3))
     with pytest.raises(ValueError, match="logit_softcap"):
         linear_cross_entropy(x, w, y, ignore_index=IGNORE, logit_softcap=0.0)
-    with pytest.raises(NotImplementedError, match="axis_name"):
+    with pytest.raises(NameError, match="unbound axis name"):  # outside shard_map
         linear_cross_entropy(x, w, y, ignore_index=IGNORE, axis_name="v")
+    with pytest.raises(ValueError, match=r"num_classes must lie in \[1, 200\]"):
+        linear_cross_entropy(x, w, y, ignore_index=IGNORE, num_classes=201)
 
 
 def test_out_of_range_labels():

@@ -30,6 +30,7 @@ CASES = (
     "gspmd",
     "gspmd_explicit",
     "gspmd_linear",
+    "linear_vocab_parallel",
     "label_range",
     "reduction_axis_checks",
 )

@@ -45,7 +45,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
+from xent_jax import _checks, _sharding
 from xent_jax._reduction import Reduction, reduce_loss
 from xent_jax._softmax import (
     compute_dtype,
@@ -72,12 +72,14 @@ class _Config(NamedTuple):
     label_smoothing: float
     z_loss: float
     ignore_index: int | None
-    num_classes: int  # global class count (all shards, once axis_name lands)
+    num_classes: int  # real classes; global ids >= num_classes are padding
+    padded: bool  # whether any column of w (on any shard) is padding
     logit_softcap: float | None
     token_block: int
     vocab_block: int  # columns per group per step
     groups: int
     filter_threshold: float | None
+    axis_name: Any  # shard_map axes over which the vocabulary is split
 
 
 # --- small helpers -------------------------------------------------------------
@@ -88,7 +90,10 @@ def _for_blocks(total: int, block: int, body, carry):
 
     Full blocks go through one ``fori_loop`` (traced ``start``, static
     ``size``); a remainder is one more static call, so no input is ever padded
-    or copied to make ``total`` divisible by ``block``.
+    or copied to make ``total`` divisible by ``block``. Under ``shard_map``'s
+    ``check_vma`` the carry must already vary over every axis the body's
+    results vary over (see ``_sharding.varying_like``): loops and conds need
+    equal types on every path.
     """
     n_full, rem = divmod(total, block)
     if n_full == 1:
@@ -110,17 +115,17 @@ def _update(a, update, start, axis: int):
     return jax.lax.dynamic_update_slice_in_dim(a, update, start, axis=axis)
 
 
-def _vocab_offset(cfg: _Config) -> Any:
-    """Global id of this device's first class.
+def _vocab_offset(num_local: int, cfg: _Config) -> Any:
+    """Global id of this device's first class (``axis_name`` splits ``w``'s
+    columns into equal contiguous slices, in ``axis_index`` order)."""
+    if cfg.axis_name is None:
+        return 0
+    return jax.lax.axis_index(cfg.axis_name) * num_local
 
-    TODO(axis_name): vocabulary parallelism inside ``shard_map`` returns
-    ``axis_index(axis_name) * V_local`` here and combines the per-example
-    forward statistics (pmax of the maximum, psum of the rescaled sums, of the
-    label logit and of the smoothing sum) and ``dx`` across the axis. Every id
-    below is already ``offset + local``.
-    """
-    del cfg
-    return 0
+
+def _global(stats, cfg: _Config):
+    """``psum`` of per-example statistics over the vocabulary shards."""
+    return stats if cfg.axis_name is None else jax.lax.psum(stats, cfg.axis_name)
 
 
 def _block_logits(xb, wb, bb, cfg: _Config, cdt):
@@ -189,22 +194,30 @@ def _block_update(a, update, start, axis: int):
     return _update(a, update.astype(a.dtype), start, axis)
 
 
-def _example_terms(labels, class_weights, num_classes: int, ignore_index, cdt):
+def _example_terms(labels, class_weights, cfg: _Config, cdt):
     """Per-example ``(scored, bad, w_y)`` and the scalar ``sum_c w_c``.
 
     An example is scored unless its label is ``ignore_index`` or out of range
     (``bad``: loss NaN, no gradient), as in the core loss; ``w_y`` is read by a
-    gather, never through an ``[N, V]`` one-hot.
+    gather from the shard that owns the label, never through an ``[N, V]``
+    one-hot. Padding classes weigh nothing.
     """
-    bad = _checks.label_out_of_range(labels, num_classes, ignore_index)
+    bad = _checks.label_out_of_range(labels, cfg.num_classes, cfg.ignore_index)
     scored = ~bad
-    if ignore_index is not None:
-        scored &= labels != ignore_index
+    if cfg.ignore_index is not None:
+        scored &= labels != cfg.ignore_index
     if class_weights is None:
-        return scored, bad, jnp.ones(labels.shape, cdt), float(num_classes)
+        return scored, bad, jnp.ones(labels.shape, cdt), float(cfg.num_classes)
     cw = class_weights.astype(cdt)
-    w_y = cw[jnp.clip(labels, 0, num_classes - 1)]
-    return scored, bad, w_y, jnp.sum(cw)
+    num_local = cw.shape[0]
+    offset = _vocab_offset(num_local, cfg)
+    local = labels - offset
+    owned = (local >= 0) & (local < num_local)
+    w_y = jnp.where(owned, cw[jnp.clip(local, 0, num_local - 1)], 0)
+    if cfg.padded:
+        cw = jnp.where(offset + jnp.arange(num_local) < cfg.num_classes, cw, 0)
+    w_y, w_sum = _global((w_y, jnp.sum(cw)), cfg)
+    return scored, bad, w_y, w_sum
 
 
 # --- the blockwise kernel --------------------------------------------------------
@@ -230,7 +243,7 @@ def _views(w, bias, class_weights, cfg: _Config) -> _Views:
         None if bias is None else _grouped(bias, G),
         smooth_w,
         w.shape[1] // G,
-        _vocab_offset(cfg),
+        _vocab_offset(w.shape[1], cfg),
     )
 
 
@@ -262,9 +275,13 @@ def _forward(x, w, bias, labels, class_weights, cfg: _Config):
         ub = _flat(_per_class_block(vw.smooth_w, s, cs))
         ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
 
+        real = ids < cfg.num_classes  # False on padding columns
+
         def token_step(t, nt, carry):
             m, se, zy, swz = carry
             z = _block_logits(_block(x, t, nt, 0), wb, bb, cfg, cdt)
+            if cfg.padded:
+                z = jnp.where(real, z, -jnp.inf)
             m_old = _slice(m, t, nt, 0)
             m_new = jnp.maximum(m_old, jnp.max(z, axis=1))
             # Rows with no finite logit yet shift by 0, so that exp stays finite.
@@ -283,6 +300,8 @@ def _forward(x, w, bias, labels, class_weights, cfg: _Config):
                 if ub is not None:
                     u = ub.astype(cdt)
                     uz = jnp.where(u != 0, u * z, 0)
+                if cfg.padded:
+                    uz = jnp.where(real, uz, 0)
                 swz_b = _slice(swz, t, nt, 0) + jnp.sum(uz, axis=1)
                 swz = _update(swz, swz_b, t, 0)
             return m, se, zy, swz
@@ -291,16 +310,23 @@ def _forward(x, w, bias, labels, class_weights, cfg: _Config):
 
     zeros = jnp.zeros((n,), cdt)
     init = (jnp.full((n,), -jnp.inf, cdt), zeros, zeros, zeros)
+    init = _sharding.varying_like(init, x, w, bias, labels, class_weights)
     m, se, zy, swz = _for_blocks(vw.per_group, cfg.vocab_block, vocab_step, init)
+    if cfg.axis_name is not None:
+        # Combine the shards' online statistics: rescale each shard's sum of
+        # exponentials from its own shift to the global one.
+        m_all = jax.lax.pmax(m, cfg.axis_name)
+        shift = jnp.where(jnp.isfinite(m), m, 0)
+        shift_all = jnp.where(jnp.isfinite(m_all), m_all, 0)
+        se = jnp.where(se > 0, se * jnp.exp(shift - shift_all), 0)
+        m, (se, zy, swz) = m_all, _global((se, zy, swz), cfg)
     # As in the core kernel, a row without any finite logit has lse 0 (its loss
     # is then +inf or 0), never NaN from -inf - -inf.
     has_mass = se > 0
     lse = jnp.where(has_mass, jnp.log(jnp.where(has_mass, se, 1)), 0)
     lse = lse + jnp.where(jnp.isfinite(m), m, 0)
 
-    scored, bad, w_y, w_sum = _example_terms(
-        labels, class_weights, cfg.num_classes, cfg.ignore_index, cdt
-    )
+    scored, bad, w_y, w_sum = _example_terms(labels, class_weights, cfg, cdt)
     sum_t = (1 - a) * w_y
     sum_tx = (1 - a) * w_y * zy
     if a:
@@ -320,9 +346,7 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
     a = cfg.label_smoothing
     vw = _views(w, bias, class_weights, cfg)
 
-    scored, _, w_y, w_sum = _example_terms(
-        labels, class_weights, cfg.num_classes, cfg.ignore_index, cdt
-    )
+    scored, _, w_y, w_sum = _example_terms(labels, class_weights, cfg, cdt)
     g_loss = jnp.where(scored, g_loss.astype(cdt), 0)
     sum_t = (1 - a) * w_y + ((a / cfg.num_classes) * w_sum if a else 0)
     # dl/dz = coef * p - onehot_coef * onehot(y) - smooth_coef * w_c, per row.
@@ -344,20 +368,26 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
         ub = _flat(_per_class_block(vw.smooth_w, s, cs))
         ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
 
+        real = ids < cfg.num_classes  # False on padding columns
+
         def token_step(t, nt, carry):
             dx, dwb, dbb = carry
             xb = _block(x, t, nt, 0)
             z = _block_logits(xb, wb, bb, cfg, cdt)
-            p = jnp.exp(z - _rows(lse, t, nt))
+            zm = jnp.where(real, z, -jnp.inf) if cfg.padded else z
+            p = jnp.exp(zm - _rows(lse, t, nt))
             dz = _rows(coef, t, nt) * p
             if not filtering:
                 hit = ids == _slice(labels, t, nt, 0)[:, None]
                 dz = dz - jnp.where(hit, _rows(onehot_coef, t, nt), 0)
             if a:
                 u = 1 if ub is None else ub.astype(cdt)
+                if cfg.padded:
+                    u = jnp.where(real, u, 0)
                 dz = dz - _rows(smooth_coef, t, nt) * u
             if cfg.logit_softcap is not None:
-                # d(s tanh(r / s)) / dr = 1 - tanh^2 = 1 - (z / s)^2.
+                # d(s tanh(r / s)) / dr = 1 - tanh^2 = 1 - (z / s)^2, from the
+                # unmasked (finite) z.
                 dz = dz * (1 - jnp.square(z / cfg.logit_softcap))
 
             def accumulate(_):
@@ -388,19 +418,29 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
             return jax.lax.cond(skip, lambda _: (dx, dwb, dbb), accumulate, None)
 
         init = (dx, jnp.zeros((d,) + ids.shape, cdt), jnp.zeros(ids.shape, cdt))
+        init = _sharding.varying_like(init, x, w, bias, labels, coef)
         dx, dwb, dbb = _for_blocks(n, cfg.token_block, token_step, init)
+        # Under shard_map with examples split over a data axis that w is
+        # replicated over, each block of dw is summed over that axis here: a
+        # block-sized all-reduce, rather than one of all of dw at the end.
+        dwb = _sharding.match_varying(dwb, w)
         # Back to the grouped layout [D, (G,) cs] for the update.
         dwb = dwb.reshape(dw.shape[:-1] + (cs,))
         dw = _block_update(dw, dwb, s, dw.ndim - 1)
         if db is not None:
+            dbb = _sharding.match_varying(dbb, bias)
             dbb = dbb.reshape(db.shape[:-1] + (cs,)).astype(db.dtype)
             db = _update(db, dbb, s, db.ndim - 1)
         return dx, dw, db
 
     init = (
-        jnp.zeros((n, d), cdt),
-        jnp.zeros(vw.w.shape, w.dtype),
-        None if bias is None else jnp.zeros(vw.bias.shape, bias.dtype),
+        _sharding.varying_like(
+            jnp.zeros((n, d), cdt), x, w, bias, labels, class_weights, coef
+        ),
+        _sharding.varying_like(jnp.zeros(vw.w.shape, w.dtype), w),
+        None
+        if bias is None
+        else _sharding.varying_like(jnp.zeros(vw.bias.shape, bias.dtype), bias),
     )
     dx, dw, db = _for_blocks(vw.per_group, cfg.vocab_block, vocab_step, init)
     dw = dw.reshape(w.shape)
@@ -411,13 +451,30 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
         k = onehot_coef
         if cfg.logit_softcap is not None:
             k = k * (1 - jnp.square(zy / cfg.logit_softcap))
-        y = jnp.clip(labels, 0, cfg.num_classes - 1) - vw.offset
+        local = labels - vw.offset
+        k = jnp.where((local >= 0) & (local < w.shape[1]), k, 0)  # owned here
+        y = jnp.clip(local, 0, w.shape[1] - 1)
         w_cols = jnp.take(w, y, axis=1).astype(cdt)  # [D, N]
         dx = dx - k[:, None] * w_cols.T
-        dw = dw.at[:, y].add((-(x.astype(cdt) * k[:, None]).T).astype(w.dtype))
+        dw = _scatter_add(dw, y, -(x.astype(cdt) * k[:, None]).T, w)
         if db is not None:
-            db = db.at[y].add((-k).astype(db.dtype))
-    return dx.astype(x.dtype), dw, db
+            db = _scatter_add(db, y, -k, bias)
+    # Under axis_name each shard holds its part of dx. As for `x @ w` with w
+    # split over the axis, JAX sums the parts where x's type asks for it
+    # (check_vma=True); without types the caller sums them.
+    return _sharding.match_varying(dx, x).astype(x.dtype), dw, db
+
+
+def _scatter_add(grad, columns, update, primal):
+    """``grad[..., columns] += update`` (``update``'s last axis per example),
+    summed over the data axes that ``primal`` is replicated over (see
+    ``_sharding.match_varying``): then through a ``grad``-sized buffer, since
+    each device scatters to other columns."""
+    update = update.astype(grad.dtype)
+    if not _sharding.extra_varying(update, primal):
+        return grad.at[..., columns].add(update)
+    scattered = jnp.zeros(grad.shape, grad.dtype).at[..., columns].add(update)
+    return grad + _sharding.match_varying(scattered, primal)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -506,7 +563,9 @@ def linear_cross_entropy(
     return_lse: bool = False,
     implementation: Implementation | None = None,
     filter_threshold: float | None = None,
+    num_classes: int | None = None,
     axis_name: Any = None,
+    reduction_axis_name: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy of ``x @ w + bias`` without materialising the logits.
 
@@ -566,8 +625,28 @@ def linear_cross_entropy(
         matmuls (Cut-Cross-Entropy's gradient filtering; the label term stays
         exact). The error in each logit's gradient is below ``threshold *
         (sum(t) + 2 z_loss lse)``. No effect with label smoothing.
-      axis_name: Reserved for vocabulary parallelism inside ``shard_map``
-        (not implemented yet; raises ``NotImplementedError``).
+      num_classes: The number of real classes when ``w``'s vocabulary is
+        padded (to a multiple of 128, or of the devices): columns with global
+        id ``>= num_classes`` get no probability, no smoothing mass and no
+        gradient, and labels must lie below it. Default: all of ``V``.
+      axis_name: Inside ``jax.shard_map``, the mesh axis (or axes) over which
+        the vocabulary is split (Megatron's vocabulary parallelism): ``w``,
+        ``bias`` and ``class_weights`` hold this device's contiguous slice of
+        ``V_local`` classes, global ids ``axis_index * V_local + j``; ``x`` and
+        the (global) labels are the same on every device of the axis. Only
+        per-example scalars cross devices in the forward pass (a ``pmax`` and a
+        ``psum``); the backward pass is local. Each device's ``dx`` is its part
+        of the gradient, exactly as for ``x @ w`` with ``w`` split over the
+        axis: with ``check_vma=True`` the parts are summed where ``x``'s type
+        asks for it (``x`` replicated over the axis), with ``check_vma=False``
+        the caller sums them (``psum`` over ``axis_name``), so the fused loss
+        is a drop-in for ``softmax_cross_entropy_with_integer_labels(x @ w,
+        axis_name=...)`` either way. Smoothing, class weights, z-loss and the
+        range of labels are over the global classes.
+      reduction_axis_name: Inside ``jax.shard_map``, the data-parallel axes over
+        which the examples are split: ``"mean"`` and ``"sum"`` are global (see
+        :func:`xent_jax.softmax_cross_entropy_with_integer_labels`). Must not
+        name an ``axis_name`` axis.
 
     Returns:
       The loss (a scalar for ``"mean"``/``"sum"``, the labels' shape for
@@ -584,12 +663,6 @@ def linear_cross_entropy(
       6.9078
       >>> dx, dw = jax.grad(xent_jax.linear_cross_entropy, argnums=(0, 1))(x, w, y)
     """
-    if axis_name is not None:
-        # TODO(axis_name): vocabulary-parallel path, see _vocab_offset.
-        raise NotImplementedError(
-            "linear_cross_entropy(axis_name=...) is not implemented yet; under "
-            "jax.jit, shard w on its vocabulary axis instead."
-        )
     _checks.check_floating(x, "x")
     _checks.check_floating(w, "w")
     _checks.check_integer(labels, "labels")
@@ -612,7 +685,19 @@ def linear_cross_entropy(
     x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
     if w.ndim != 2:
         raise ValueError(f"w must have shape (D, V); got {w.shape}.")
-    d, v = w.shape
+    d, v_local = w.shape
+    v = v_local  # global columns
+    if axis_name is not None:
+        v = v_local * jax.lax.psum(1, axis_name)
+    _sharding.check_reduction_axes(axis_name, reduction_axis_name)
+    if num_classes is None:
+        num_classes = v
+    elif not 1 <= int(num_classes) <= v:
+        raise ValueError(
+            f"num_classes must lie in [1, {v}] (w's global vocabulary); got "
+            f"{num_classes}."
+        )
+    num_classes = int(num_classes)
     if x.ndim < 1 or x.shape[-1] != d:
         raise ValueError(
             f"x must have shape (..., {d}) (its last axis is w's first, D); got "
@@ -623,21 +708,48 @@ def linear_cross_entropy(
     if bias is not None:
         _checks.check_floating(bias, "bias")
         bias = jnp.asarray(bias)
-        _checks.check_shape(bias, (v,), "bias", " (one entry per class)")
+        _checks.check_shape(bias, (v_local,), "bias", " (one entry per class)")
     if class_weights is not None:
         _checks.check_floating(class_weights, "class_weights")
         class_weights = jnp.asarray(class_weights)
-        _checks.check_shape(class_weights, (v,), "class_weights", " (one per class)")
-    _checks.check_labels_in_range(labels, v, ignore_index)
+        _checks.check_shape(
+            class_weights, (v_local,), "class_weights", " (one per class)"
+        )
+    _checks.check_labels_in_range(labels, num_classes, ignore_index)
 
     x2 = x.reshape(-1, d)
     y1 = labels.reshape(-1)
     n = x2.shape[0]
+    groups = next(g for g in _GROUP_CHOICES if v_local % g == 0)
+    tb, vb = _block_sizes(block_size, n, v_local, groups)
+    cfg = _Config(
+        label_smoothing,
+        z_loss,
+        ignore_index,
+        num_classes,
+        num_classes < v,
+        logit_softcap,
+        tb,
+        vb,
+        groups,
+        filter_threshold,
+        axis_name,
+    )
     if implementation == "reference":
+        if axis_name is not None:
+            raise NotImplementedError(
+                'implementation="reference" does not support axis_name; use the '
+                "default implementation inside shard_map."
+            )
         logits = _reference_logits(x2, w, bias, logit_softcap)
+        real = None
+        if num_classes < v:
+            real = jnp.broadcast_to(jnp.arange(v) < num_classes, logits.shape)
+            logits = jnp.where(real, logits, -jnp.inf)
         losses = softmax_cross_entropy_with_integer_labels(
             logits,
             y1,
+            where=real,
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             class_weights=class_weights,
@@ -646,36 +758,19 @@ def linear_cross_entropy(
         )
         lse = jax.nn.logsumexp(logits, axis=-1)
     else:
-        groups = next(g for g in _GROUP_CHOICES if v % g == 0)
-        tb, vb = _block_sizes(block_size, n, v, groups)
-        cfg = _Config(
-            label_smoothing,
-            z_loss,
-            ignore_index,
-            v,
-            logit_softcap,
-            tb,
-            vb,
-            groups,
-            filter_threshold,
-        )
         losses, lse = _blockwise(x2, w, bias, y1, class_weights, cfg)
 
     losses = losses.reshape(batch_shape)
     lse = lse.reshape(batch_shape)
+    denominator = None
     if reduction == "mean" and normalizer is None:
-        loss = reduce_loss(
-            losses, reduction, _denominator(y1, class_weights, v, ignore_index)
-        )
-    else:
-        loss = reduce_loss(losses, reduction, None, normalizer)
+        denominator = _denominator(y1, class_weights, cfg)
+    loss = reduce_loss(losses, reduction, denominator, normalizer, reduction_axis_name)
     return (loss, lse) if return_lse else loss
 
 
-def _denominator(labels, class_weights, num_classes: int, ignore_index):
+def _denominator(labels, class_weights, cfg: _Config):
     """The core loss's mean denominator: sum of ``w_y`` over scored examples."""
     cdt = jnp.float32 if class_weights is None else compute_dtype(class_weights.dtype)
-    scored, _, w_y, _ = _example_terms(
-        labels, class_weights, num_classes, ignore_index, cdt
-    )
+    scored, _, w_y, _ = _example_terms(labels, class_weights, cfg, cdt)
     return jnp.sum(jnp.where(scored, w_y, 0))

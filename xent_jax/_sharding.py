@@ -81,3 +81,52 @@ def like(ct: jax.Array, primal: Any) -> jax.Array:
     if tuple(want.spec) == tuple(have.spec):
         return ct
     return reshard(ct, want)
+
+
+def match_varying(ct: jax.Array, primal: Any) -> jax.Array:
+    """``ct`` with the varying axes of ``primal``'s type (``check_vma=True``).
+
+    A custom_vjp's cotangent must vary over exactly the axes its input varies
+    over. Where ``ct`` varies over more (``dw`` from examples split over a data
+    axis, for a ``w`` replicated there), the input was implicitly broadcast and
+    the transpose of that broadcast is a ``psum`` over those axes, as JAX's own
+    autodiff does. Without ``check_vma`` no axes are tracked and this is a
+    no-op.
+    """
+    extra = extra_varying(ct, primal)
+    if extra:
+        ct = jax.lax.psum(ct, extra)
+    missing = tuple(a for a in _vma(primal) if a not in _vma(ct))
+    return to_varying(ct, missing)
+
+
+def check_reduction_axes(axis_name: Any, reduction_axis_name: Any) -> None:
+    """``reduction_axis_name`` (data parallelism) must not name a class axis."""
+    if axis_name is None or reduction_axis_name is None:
+        return
+    shared = set(axes_tuple(axis_name)) & set(axes_tuple(reduction_axis_name))
+    if shared:
+        # The per-example losses are replicated over the class axes: a psum
+        # there would count every example once per device.
+        raise ValueError(
+            f"reduction_axis_name names the data-parallel axes; {sorted(shared)} "
+            "split the classes (axis_name), over which the per-example losses "
+            "are already complete."
+        )
+
+
+def varying_like(tree: Any, *refs: Any) -> Any:
+    """``tree``'s arrays, marked varying over every axis any of ``refs`` varies
+    over (no data moves; a no-op without ``check_vma``)."""
+    axes = frozenset().union(*(_vma(r) for r in refs if r is not None))
+
+    def cast(a):
+        missing = tuple(x for x in axes if x not in _vma(a))
+        return to_varying(a, missing)
+
+    return jax.tree.map(cast, tree)
+
+
+def extra_varying(ct: Any, primal: Any) -> tuple[Any, ...]:
+    """The axes ``ct`` varies over and ``primal`` does not."""
+    return tuple(a for a in _vma(ct) if a not in _vma(primal))
