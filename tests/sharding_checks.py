@@ -498,9 +498,9 @@ def case_gspmd_explicit():
     return case_gspmd(explicit=True)
 
 
-def case_gspmd_linear():
-    """linear_cross_entropy under GSPMD: x on "data", w on the vocabulary
-    ("model"): no all-gather of W or of the logits."""
+def case_gspmd_linear(explicit=False):
+    """linear_cross_entropy under GSPMD: x on "data", w and bias on the
+    vocabulary ("model"): no all-gather of W or of the logits."""
     fused = getattr(xent_jax, "linear_cross_entropy", None)
     if fused is None:
         return {"skipped": "xent_jax.linear_cross_entropy is not available"}
@@ -508,19 +508,23 @@ def case_gspmd_linear():
     n, dim, v = 32, 16, 256
     x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(dim, v)) * 0.3, jnp.float32)
+    b = jnp.asarray(rng.normal(size=v) * 0.3, jnp.float32)
     y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
 
-    def fn(x, w, y):
-        return fused(x, w, y, label_smoothing=0.1, z_loss=1e-3, reduction="mean")
+    def fn(x, w, b, y):
+        return fused(
+            x, w, y, bias=b, label_smoothing=0.1, z_loss=1e-3, reduction="mean"
+        )
 
-    vg = jax.value_and_grad(fn, argnums=(0, 1))
-    want = jax.jit(vg)(x, w, y)
+    vg = jax.value_and_grad(fn, argnums=(0, 1, 2))
+    want = jax.jit(vg)(x, w, b, y)
     report = {}
     for shape in MESHES:
-        mesh = _mesh(shape)
+        mesh = _mesh(shape, explicit)
         args = (
             jax.device_put(x, NamedSharding(mesh, P("data"))),
             jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(b, NamedSharding(mesh, P("model"))),
             jax.device_put(y, NamedSharding(mesh, P("data"))),
         )
         jitted = jax.jit(vg)
@@ -668,6 +672,12 @@ def case_linear_vocab_parallel():
                 assert "all-gather" not in found and "all-to-all" not in found, found
                 report[key] = {"max_abs_error": err, "collectives": found}
     return report
+
+
+def case_gspmd_linear_explicit():
+    """The same with Explicit mesh axes: the loss runs in a shard_map over the
+    mesh of the inputs' types, the vocabulary split as w is."""
+    return case_gspmd_linear(explicit=True)
 
 
 def case_label_range():

@@ -30,6 +30,7 @@ CASES = (
     "gspmd",
     "gspmd_explicit",
     "gspmd_linear",
+    "gspmd_linear_explicit",
     "linear_vocab_parallel",
     "label_range",
     "reduction_axis_checks",
@@ -65,7 +66,9 @@ def test_case_list_matches_the_script():
 
 @pytest.mark.parametrize("name", CASES)
 def test_sharding_case(name):
-    if name == "gspmd_linear" and not hasattr(xent_jax, "linear_cross_entropy"):
+    if name.startswith("gspmd_linear") and not hasattr(
+        xent_jax, "linear_cross_entropy"
+    ):
         pytest.skip("xent_jax.linear_cross_entropy is not available")
     report = run_case(name)
     assert "skipped" not in report, report

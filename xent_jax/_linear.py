@@ -27,8 +27,15 @@ takes the same column range of every group. The loop therefore never slices the
 group axis, so under ``jax.jit`` with ``w`` sharded on ``V`` over a number of
 devices that divides ``G`` (``G = 8`` when 8 divides ``V``) the sharding lands
 on that axis and XLA partitions the loop without gathering ``w``: the only
-collectives are all-reduces of per-example scalars and of ``dx`` (tested on 4
+collectives are all-reduces of per-example scalars and of ``dx`` (tested on 8
 CPU devices). A class's global id is ``offset + g * V / G + column``.
+
+Many devices. With ``Auto`` mesh axes GSPMD partitions the loops as above.
+Inside ``shard_map`` (``axis_name``) each device streams over its own slice of
+``w`` (``offset = axis_index * V_local``) and the per-example statistics are
+combined with one ``pmax`` and ``psum``s. With ``Explicit`` mesh axes, where
+the slicing of split axes cannot be typed, the public function wraps the same
+per-device computation in a ``shard_map`` over the inputs' mesh itself.
 
 XLA CPU notes (each measured with ``memory_analysis()``): 16-bit operands of a
 loop's slices are upcast by XLA CPU, and the upcast of a loop-invariant ``w``
@@ -717,23 +724,42 @@ def linear_cross_entropy(
         )
     _checks.check_labels_in_range(labels, num_classes, ignore_index)
 
+    options = dict(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        ignore_index=ignore_index,
+        num_classes=num_classes,
+        padded=num_classes < v,
+        logit_softcap=logit_softcap,
+        filter_threshold=filter_threshold,
+    )
+    per_example = functools.partial(
+        _per_example, implementation=implementation, block_size=block_size, **options
+    )
+    args = (x, w, bias, labels, class_weights)
+    if axis_name is None and _sharding.explicit_axes(*args):
+        per_example, args = _in_explicit_shard_map(per_example, *args)
+    losses, lse, example_weight = per_example(*args, axis_name=axis_name)
+    denominator = None
+    if reduction == "mean" and normalizer is None:
+        denominator = jnp.sum(example_weight)
+    loss = reduce_loss(losses, reduction, denominator, normalizer, reduction_axis_name)
+    return (loss, lse) if return_lse else loss
+
+
+def _per_example(
+    x, w, bias, labels, class_weights, *, axis_name, implementation, block_size, **opts
+):
+    """Per-example losses, lse and weights in the mean's denominator (the
+    label's class weight, 1 without weights, 0 when not scored), with the
+    labels' shape."""
+    d, v_local = w.shape
     x2 = x.reshape(-1, d)
     y1 = labels.reshape(-1)
-    n = x2.shape[0]
     groups = next(g for g in _GROUP_CHOICES if v_local % g == 0)
-    tb, vb = _block_sizes(block_size, n, v_local, groups)
+    tb, vb = _block_sizes(block_size, x2.shape[0], v_local, groups)
     cfg = _Config(
-        label_smoothing,
-        z_loss,
-        ignore_index,
-        num_classes,
-        num_classes < v,
-        logit_softcap,
-        tb,
-        vb,
-        groups,
-        filter_threshold,
-        axis_name,
+        token_block=tb, vocab_block=vb, groups=groups, axis_name=axis_name, **opts
     )
     if implementation == "reference":
         if axis_name is not None:
@@ -741,36 +767,61 @@ def linear_cross_entropy(
                 'implementation="reference" does not support axis_name; use the '
                 "default implementation inside shard_map."
             )
-        logits = _reference_logits(x2, w, bias, logit_softcap)
+        logits = _reference_logits(x2, w, bias, cfg.logit_softcap)
         real = None
-        if num_classes < v:
-            real = jnp.broadcast_to(jnp.arange(v) < num_classes, logits.shape)
+        if cfg.padded:
+            real = jnp.broadcast_to(jnp.arange(v_local) < cfg.num_classes, logits.shape)
             logits = jnp.where(real, logits, -jnp.inf)
         losses = softmax_cross_entropy_with_integer_labels(
             logits,
             y1,
             where=real,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
+            ignore_index=cfg.ignore_index,
+            label_smoothing=cfg.label_smoothing,
             class_weights=class_weights,
-            z_loss=z_loss,
+            z_loss=cfg.z_loss,
             implementation="reference",
         )
         lse = jax.nn.logsumexp(logits, axis=-1)
     else:
         losses, lse = _blockwise(x2, w, bias, y1, class_weights, cfg)
-
-    losses = losses.reshape(batch_shape)
-    lse = lse.reshape(batch_shape)
-    denominator = None
-    if reduction == "mean" and normalizer is None:
-        denominator = _denominator(y1, class_weights, cfg)
-    loss = reduce_loss(losses, reduction, denominator, normalizer, reduction_axis_name)
-    return (loss, lse) if return_lse else loss
-
-
-def _denominator(labels, class_weights, cfg: _Config):
-    """The core loss's mean denominator: sum of ``w_y`` over scored examples."""
     cdt = jnp.float32 if class_weights is None else compute_dtype(class_weights.dtype)
-    scored, _, w_y, _ = _example_terms(labels, class_weights, cfg, cdt)
-    return jnp.sum(jnp.where(scored, w_y, 0))
+    scored, _, w_y, _ = _example_terms(y1, class_weights, cfg, cdt)
+    example_weight = jnp.where(scored, w_y, 0)
+    return tuple(a.reshape(labels.shape) for a in (losses, lse, example_weight))
+
+
+def _in_explicit_shard_map(per_example, x, w, bias, labels, class_weights):
+    """``per_example`` inside ``jax.shard_map`` over the mesh of the inputs'
+    Explicit sharding types, and the inputs placed for it.
+
+    With Explicit mesh axes every array's type says how it is split, and the
+    kernel's slicing of split axes cannot be typed; inside ``shard_map`` it
+    runs on each device's block instead, exactly as under ``axis_name`` (the
+    axes that split ``w``'s vocabulary) with the examples split as ``x``'s
+    leading axes are. Inputs placed otherwise (``w`` or ``x`` split over
+    ``D``, labels placed unlike ``x``) are resharded first. The per-example
+    outputs are split like the examples.
+    """
+    args = (x, w, bias, labels, class_weights)
+    mesh = _sharding.explicit_mesh(*args)
+    x_spec = tuple(_sharding.explicit_spec(x) or ())
+    batch = (x_spec[: x.ndim - 1] + (None,) * x.ndim)[: x.ndim - 1]
+    vocab = (tuple(_sharding.explicit_spec(w) or ()) + (None, None))[1]
+    P = jax.sharding.PartitionSpec
+    specs = (P(*batch, None), P(None, vocab), P(vocab), P(*batch), P(vocab))
+    args = tuple(
+        None if a is None else _sharding.reshard_to(a, spec, mesh)
+        for a, spec in zip(args, specs, strict=True)
+    )
+
+    def run(*args, axis_name=None):
+        del axis_name  # None here (the caller's); inside, the vocabulary's axes
+        return jax.shard_map(
+            functools.partial(per_example, axis_name=vocab),
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=(P(*batch),) * 3,
+        )(*args)
+
+    return run, args

@@ -48,7 +48,7 @@ def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
     return jax.lax.pvary(x, axes)  # jax < 0.9
 
 
-def _explicit_spec(x: Any):
+def explicit_spec(x: Any):
     """``x``'s PartitionSpec when its type carries one (Explicit axes), else None."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
@@ -57,13 +57,38 @@ def _explicit_spec(x: Any):
     return spec
 
 
+def explicit_axes(*arrays: Any) -> bool:
+    """Whether any of ``arrays`` (``None`` allowed) is split over an Explicit
+    mesh axis in its type."""
+    return any(a is not None and explicit_spec(a) is not None for a in arrays)
+
+
+def explicit_mesh(*arrays: Any):
+    """The mesh named by the first of ``arrays`` split over Explicit axes."""
+    for a in arrays:
+        if a is not None and explicit_spec(a) is not None:
+            return jax.typeof(a).sharding.mesh
+    raise ValueError("no array is split over an Explicit mesh axis")
+
+
+def reshard_to(x: jax.Array, spec: Any, mesh: Any) -> jax.Array:
+    """``x`` placed on ``mesh`` as ``spec`` says, moved only if it is not."""
+    ndim = jax.typeof(x).ndim
+    have = tuple(explicit_spec(x) or ())
+    have += (None,) * (ndim - len(have))
+    want = tuple(spec) + (None,) * (ndim - len(spec))
+    if have == want:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 def class_axis_in_type(x: Any) -> bool:
     """Whether ``x``'s last (class) axis is split over an Explicit mesh axis.
 
     There a gather along the class axis cannot be typed without moving data,
     so the kernel reads the label's logit by a masked reduction instead.
     """
-    spec = _explicit_spec(x)
+    spec = explicit_spec(x)
     return spec is not None and len(spec) == jax.typeof(x).ndim and spec[-1] is not None
 
 
@@ -76,7 +101,7 @@ def like(ct: jax.Array, primal: Any) -> jax.Array:
     have = getattr(jax.typeof(ct), "sharding", None)
     if reshard is None or want is None or have is None:
         return ct
-    if _explicit_spec(primal) is None and _explicit_spec(ct) is None:
+    if explicit_spec(primal) is None and explicit_spec(ct) is None:
         return ct
     if tuple(want.spec) == tuple(have.spec):
         return ct
