@@ -135,6 +135,17 @@ def _softmax_losses(d, axis_name=None, reduction_axis_name=None, keep=None):
         )
         if reduction == "sum":
             continue  # the same reduce_loss path as for integer labels
+        out["focal_" + reduction] = xent_jax.softmax_focal_loss(
+            d["logits"],
+            d["labels"],
+            gamma=2.0,
+            alpha=d["weights"],
+            where=keep,
+            ignore_index=-100,
+            reduction=reduction,
+            axis_name=axis_name,
+            reduction_axis_name=rn,
+        )
         out["soft_" + reduction] = xent_jax.softmax_cross_entropy(
             d["logits"],
             d["soft"],

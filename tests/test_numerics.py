@@ -383,9 +383,9 @@ def test_forward_saves_at_most_one_logits_sized_residual(kind, capsys):
     assert all(int(np.prod(s)) <= max(n, c) for s in shapes if s not in big), lines
 
 
-def _temp_bytes(loss_fn, n=256, d=64, c=2048):
-    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
-    w = jax.ShapeDtypeStruct((d, c), jnp.float32)
+def _temp_bytes(loss_fn, n=256, d=64, c=2048, dtype=jnp.float32):
+    h = jax.ShapeDtypeStruct((n, d), dtype)
+    w = jax.ShapeDtypeStruct((d, c), dtype)
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
 
     def f(h, w, y):
@@ -397,7 +397,7 @@ def _temp_bytes(loss_fn, n=256, d=64, c=2048):
     mem = compiled.memory_analysis()
     if mem is None:
         pytest.skip("memory_analysis() unavailable on this backend")
-    return mem.temp_size_in_bytes, n * c * 4
+    return mem.temp_size_in_bytes, n * c * jnp.dtype(dtype).itemsize
 
 
 def test_compiled_temp_memory_one_logits_buffer():
@@ -406,6 +406,26 @@ def test_compiled_temp_memory_one_logits_buffer():
     assert ours <= 1.1 * logits_bytes, (ours, logits_bytes)
     assert theirs >= 1.5 * logits_bytes, (theirs, logits_bytes)  # optax needs two
     assert ours < theirs
+
+
+def test_compiled_temp_memory_bfloat16_adds_no_buffer():
+    # A backend may compute bfloat16 matmuls in float32 (XLA CPU does): then the
+    # float32 product, twice the logits' bytes, and float32 copies of h and w
+    # are temporaries of any loss on h @ w. The loss's own buffer must fit in
+    # them: compare with a linear loss, whose gradient needs no such buffer.
+    dtype = jnp.bfloat16
+    ours, logits_bytes = _temp_bytes(
+        xj.softmax_cross_entropy_with_integer_labels, dtype=dtype
+    )
+    theirs, _ = _temp_bytes(
+        optax.losses.softmax_cross_entropy_with_integer_labels, dtype=dtype
+    )
+    floor, _ = _temp_bytes(
+        lambda x, y: jnp.sum(x.astype(jnp.float32) * y[:, None], axis=-1),
+        dtype=dtype,
+    )
+    assert ours <= floor + 0.05 * logits_bytes, (ours, floor, logits_bytes)
+    assert ours < theirs, (ours, theirs)
 
 
 def test_residual_inspection_detects_extra_residuals(capsys):

@@ -14,9 +14,21 @@ from typing import Any
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.interpreters import ad, batching, mlir
+
+try:  # checkify's rule table is private: fall back to debug_check without it
+    from jax._src import checkify as _checkify
+
+    _CHECKIFY_RULES = all(
+        hasattr(_checkify, name)
+        for name in ("error_checks", "assert_func", "FailedCheckError", "get_traceback")
+    )
+except ImportError:  # pragma: no cover - depends on the jax version
+    _CHECKIFY_RULES = False
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -125,13 +137,15 @@ def label_out_of_range(
 
 def check_labels_in_range(
     labels: Any, num_classes: int, ignore_index: int | None, name: str = "labels"
-) -> None:
+) -> Any:
     """Raises for out-of-range class ids; under tracing, a ``checkify`` check.
 
     Concrete labels are read on the host and the first bad position is named.
     Traced labels cannot be read: the kernels turn such examples into NaN losses
     with no gradient, and this registers a check that ``checkify.checkify``
-    surfaces (it is a no-op otherwise).
+    surfaces (it is a no-op otherwise). Returns the labels, which the caller
+    must use in place of its own: the check lives on that data path, so that
+    rematerialisation or dead-code elimination cannot drop it.
     """
     if _is_concrete(labels):
         values = np.asarray(labels)
@@ -147,14 +161,66 @@ def check_labels_in_range(
                 f"{name}{list(position)} = {values[position]} is out of range: class "
                 f"ids must lie in {allowed} ({int(bad.sum())} bad label(s) in all)."
             )
-        return
-    checkify.debug_check(
-        ~jnp.any(label_out_of_range(labels, num_classes, ignore_index)),
+        return labels
+    if not _CHECKIFY_RULES:
+        # Same behaviour, at the cost of an effect (and jit's slow dispatch).
+        bad = label_out_of_range(labels, num_classes, ignore_index)
+        checkify.debug_check(
+            ~jnp.any(bad), _range_message(num_classes, ignore_index, name)
+        )
+        return labels
+    return _labels_check_p.bind(
+        labels, num_classes=int(num_classes), ignore_index=ignore_index, name=name
+    )
+
+
+def _range_message(num_classes: int, ignore_index: int | None, name: str) -> str:
+    return (
         f"{name} contains class ids outside [0, {num_classes})"
         + (
             f" other than ignore_index={ignore_index}"
             if ignore_index is not None
             else ""
         )
-        + "; their losses are NaN.",
+        + "; their losses are NaN."
     )
+
+
+# The traced check is a primitive of its own rather than checkify.debug_check:
+# debug_check puts an ErrorEffect in the jaxpr, and jit's C++ fast dispatch
+# path refuses effectful executables, so every jitted call paid about 0.1 ms of
+# Python dispatch even when nothing checkifies it. This primitive is the
+# identity on the labels, has no effect and lowers to nothing; only the
+# checkify interpreter gives it a meaning (the rule below, registered in
+# checkify's private table of rules).
+_labels_check_p = jax.extend.core.Primitive("xent_labels_in_range_check")
+_labels_check_p.def_impl(lambda labels, **_: labels)
+_labels_check_p.def_abstract_eval(lambda labels, **_: labels)
+mlir.register_lowering(_labels_check_p, lambda ctx, labels, **_: [labels])
+
+
+def _labels_check_batching(args, dims, **params):
+    # The assertion covers every label, the batch of them included.
+    return _labels_check_p.bind(*args, **params), dims[0]
+
+
+def _labels_check_jvp(primals, tangents, **params):
+    return _labels_check_p.bind(*primals, **params), tangents[0]
+
+
+def _labels_check_checkify(error, enabled_errors, labels, **params):
+    if _checkify.FailedCheckError in enabled_errors:  # user checks, as debug_check
+        bad = jnp.any(
+            label_out_of_range(labels, params["num_classes"], params["ignore_index"])
+        )
+        failure = _checkify.FailedCheckError(
+            _checkify.get_traceback(), _range_message(**params)
+        )
+        error = _checkify.assert_func(error, bad, failure)
+    return error, labels
+
+
+batching.primitive_batchers[_labels_check_p] = _labels_check_batching
+ad.primitive_jvps[_labels_check_p] = _labels_check_jvp
+if _CHECKIFY_RULES:
+    _checkify.error_checks[_labels_check_p] = _labels_check_checkify

@@ -7,6 +7,8 @@ kernels' closed forms where they contain them, and from autodiff elsewhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +18,7 @@ from xent_jax._sigmoid import sigmoid_binary_cross_entropy
 from xent_jax._softmax import (
     _softmax_loss,
     compute_dtype,
+    label_values,
     softmax_cross_entropy,
 )
 
@@ -205,6 +208,8 @@ def softmax_focal_loss(
     ignore_index: int | None = None,
     reduction: Reduction = "none",
     normalizer: ArrayLike | None = None,
+    axis_name: Any = None,
+    reduction_axis_name: Any = None,
 ) -> jax.Array:
     r"""Multi-class (softmax) focal loss for integer labels, in log space.
 
@@ -227,6 +232,11 @@ def softmax_focal_loss(
       ignore_index: Label value whose examples get loss 0 and no gradient.
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over scored examples).
       normalizer: Replaces the denominator of ``"mean"``.
+      axis_name: Inside ``jax.shard_map``, the axes over which the classes are
+        split, as in :func:`softmax_cross_entropy_with_integer_labels`; a
+        per-class ``alpha`` is then this device's slice.
+      reduction_axis_name: Inside ``jax.shard_map``, the data-parallel axes:
+        ``"sum"`` and ``"mean"`` are global.
 
     Returns:
       Per-example losses (a scalar for ``"sum"``/``"mean"``).
@@ -241,7 +251,7 @@ def softmax_focal_loss(
     """
     gamma = _checks.check_static_float(gamma, "gamma", 0.0, float("inf"))
 
-    def focal(ce, labels, num_classes):
+    def focal(ce, labels, num_local, axis_name):
         # ce = -log p_y >= 0; 1 - p_y = -expm1(-ce) without forming p_y.
         tiny = jnp.finfo(ce.dtype).tiny
         one_minus_p = jnp.maximum(-jnp.expm1(-ce), tiny)
@@ -249,10 +259,8 @@ def softmax_focal_loss(
         if alpha is not None:
             a = jnp.asarray(alpha, ce.dtype)
             if a.ndim == 1:
-                _checks.check_shape(
-                    a, (num_classes,), "alpha", " (one weight per class)"
-                )
-                a = a[jnp.clip(labels, 0, num_classes - 1)]
+                _checks.check_shape(a, (num_local,), "alpha", " (one weight per class)")
+                a = label_values(a, labels, axis_name)
             elif a.ndim != 0:
                 raise ValueError(f"alpha must be a scalar or [C]; got shape {a.shape}.")
             loss = loss * a
@@ -273,6 +281,7 @@ def softmax_focal_loss(
         reduction=reduction,
         normalizer=normalizer,
         implementation=None,
-        axis_name=None,
+        axis_name=axis_name,
+        reduction_axis_name=reduction_axis_name,
         per_example=focal,
     )

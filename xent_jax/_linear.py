@@ -56,6 +56,7 @@ from xent_jax import _checks, _sharding
 from xent_jax._reduction import Reduction, reduce_loss
 from xent_jax._softmax import (
     compute_dtype,
+    label_values,
     softmax_cross_entropy_with_integer_labels,
 )
 
@@ -216,15 +217,12 @@ def _example_terms(labels, class_weights, cfg: _Config, cdt):
     if class_weights is None:
         return scored, bad, jnp.ones(labels.shape, cdt), float(cfg.num_classes)
     cw = class_weights.astype(cdt)
-    num_local = cw.shape[0]
-    offset = _vocab_offset(num_local, cfg)
-    local = labels - offset
-    owned = (local >= 0) & (local < num_local)
-    w_y = jnp.where(owned, cw[jnp.clip(local, 0, num_local - 1)], 0)
+    w_y = label_values(cw, labels, cfg.axis_name)
     if cfg.padded:
-        cw = jnp.where(offset + jnp.arange(num_local) < cfg.num_classes, cw, 0)
-    w_y, w_sum = _global((w_y, jnp.sum(cw)), cfg)
-    return scored, bad, w_y, w_sum
+        num_local = cw.shape[0]
+        real = _vocab_offset(num_local, cfg) + jnp.arange(num_local) < cfg.num_classes
+        cw = jnp.where(real, cw, 0)
+    return scored, bad, w_y, _global(jnp.sum(cw), cfg)
 
 
 # --- the blockwise kernel --------------------------------------------------------
@@ -722,7 +720,7 @@ def linear_cross_entropy(
         _checks.check_shape(
             class_weights, (v_local,), "class_weights", " (one per class)"
         )
-    _checks.check_labels_in_range(labels, num_classes, ignore_index)
+    labels = _checks.check_labels_in_range(labels, num_classes, ignore_index)
 
     options = dict(
         label_smoothing=label_smoothing,

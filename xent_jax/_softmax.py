@@ -149,6 +149,28 @@ def _finalize(loss, scored, bad):
     return loss if bad is None else jnp.where(bad, jnp.nan, loss)
 
 
+def label_values(values, labels, axis_name: AxisName = None):
+    """``values[label]`` per example, for a per-class ``values`` ``[C]``
+    (this device's slice of the classes under ``axis_name``).
+
+    A gather from the slice that owns the label, 0 on the others and for
+    labels out of range, combined by a ``psum`` of per-example scalars. Where
+    the class axis is split in ``values``' type (Explicit mesh axes) a masked
+    reduction replaces the gather, which could not be typed.
+    """
+    num_local = values.shape[-1]
+    if _sharding.class_axis_in_type(values):
+        hit = class_ids(num_local, axis_name) == labels[..., None]
+        picked = jnp.sum(jnp.where(hit, values, 0), axis=-1)
+    else:
+        local = labels
+        if axis_name is not None:
+            local = labels - jax.lax.axis_index(axis_name) * num_local
+        owned = (local >= 0) & (local < num_local)
+        picked = jnp.where(owned, values[jnp.clip(local, 0, num_local - 1)], 0)
+    return picked if axis_name is None else jax.lax.psum(picked, axis_name)
+
+
 def label_logits_and_weights(x, labels, class_weights, cfg: _Config):
     """``x[label]`` and ``class_weights[label]`` per example, by a gather.
 
@@ -164,25 +186,19 @@ def label_logits_and_weights(x, labels, class_weights, cfg: _Config):
         # on one device the gather reads one element per row, not the row.
         hit = class_ids(num_local, cfg.axis_name) == labels[..., None]
         x_y = jnp.sum(jnp.where(hit, x, 0), axis=-1)
-        w_y = None
-        if class_weights is not None:
-            w = class_weights.astype(x.dtype)
-            w_y = jnp.sum(jnp.where(hit, w, 0), axis=-1)
+    else:
+        local = labels
         if cfg.axis_name is not None:
-            x_y, w_y = jax.lax.psum((x_y, w_y), cfg.axis_name)
-        return x_y, w_y
-    local = labels
+            local = labels - jax.lax.axis_index(cfg.axis_name) * num_local
+        owned = (local >= 0) & (local < num_local)
+        index = jnp.clip(local, 0, num_local - 1)
+        x_y = jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]
+        x_y = jnp.where(owned, x_y, 0)
     if cfg.axis_name is not None:
-        local = labels - jax.lax.axis_index(cfg.axis_name) * num_local
-    owned = (local >= 0) & (local < num_local)
-    index = jnp.clip(local, 0, num_local - 1)
-    x_y = jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]
-    x_y = jnp.where(owned, x_y, 0)
+        x_y = jax.lax.psum(x_y, cfg.axis_name)
     w_y = None
     if class_weights is not None:
-        w_y = jnp.where(owned, class_weights.astype(x.dtype)[index], 0)
-    if cfg.axis_name is not None:
-        x_y, w_y = jax.lax.psum((x_y, w_y), cfg.axis_name)
+        w_y = label_values(class_weights.astype(x.dtype), labels, cfg.axis_name)
     return x_y, w_y
 
 
@@ -225,17 +241,31 @@ def _kernel_fwd(x, labels, keep, class_weights, cfg: _Config):
     # Finite everywhere; equals the log-sum-exp on scored rows. Unscored rows
     # may have no finite logit, and -inf there must not reach the arithmetic.
     has_mass = sum_e > 0
-    lse = jnp.where(has_mass, jnp.log(jnp.where(has_mass, sum_e, 1)), 0) + shift
+    sum_e = jnp.where(has_mass, sum_e, 1)
+    lse = jnp.where(has_mass, jnp.log(sum_e), 0) + shift
     loss = _finalize(sum_t * lse - sum_tx + cfg.z_loss * lse**2, scored, bad)
     # d loss / d x = (sum_t + 2 z lse) softmax - t, zero on unscored rows. The
     # closed-form gradient replaces the logits as the residual.
     scale = jnp.where(scored, sum_t + 2 * cfg.z_loss * lse, 0)
-    if jnp.dtype(x.dtype).itemsize >= 4:
+
+    def reuse(e, sum_e, xm, lse, scale):
         # The exponentials dominate on CPU: computed once, reused.
-        softmax_times_scale = (scale / jnp.where(has_mass, sum_e, 1))[..., None] * e
+        return (scale / sum_e)[..., None] * e
+
+    def recompute(e, sum_e, xm, lse, scale):
+        # Where the row sum fuses its producer (not XLA CPU), the exponentials
+        # of 16-bit logits would be a float32 buffer of twice their size.
+        return scale[..., None] * jnp.exp(xm - lse[..., None])
+
+    operands = (e, sum_e, xm, lse, scale)
+    if jnp.dtype(x.dtype).itemsize >= 4:
+        softmax_times_scale = reuse(*operands)
     else:
-        # A float32 copy of 16-bit logits would double the memory: recompute.
-        softmax_times_scale = scale[..., None] * jnp.exp(xm - lse[..., None])
+        # XLA CPU does not fuse the conversion into its reductions and makes
+        # a float32 copy of 16-bit logits anyway: the exponentials reuse it.
+        softmax_times_scale = jax.lax.platform_dependent(
+            *operands, cpu=reuse, default=recompute
+        )
     t = effective_targets(labels, keep, class_weights, scored, x.shape, dtype, cfg)
     residual = ((softmax_times_scale - t).astype(x.dtype), lse, scored)
     if not cfg.integer:
@@ -367,8 +397,9 @@ def _softmax_loss(
 ):
     """Shared front end of the softmax losses.
 
-    ``per_example(losses, labels, num_classes)``, if given, maps the per-example
-    cross-entropies to another loss before the reduction (the focal loss).
+    ``per_example(losses, labels, num_local, axis_name)``, if given, maps the
+    per-example cross-entropies to another loss before the reduction (the focal
+    loss; ``num_local`` is the number of classes here).
     """
     _checks.check_floating(logits, "logits")
     if integer:
@@ -394,26 +425,15 @@ def _softmax_loss(
     if axis_name is not None:
         num_classes = num_local * jax.lax.psum(1, axis_name)
     if integer:
-        _checks.check_labels_in_range(labels, num_classes, ignore_index)
-    if axis_name is not None and reduction_axis_name is not None:
-        shared = set(_sharding.axes_tuple(axis_name)) & set(
-            _sharding.axes_tuple(reduction_axis_name)
-        )
-        if shared:
-            # The per-example losses are replicated over the class axes: a psum
-            # there would count every example once per device.
-            raise ValueError(
-                f"reduction_axis_name names the data-parallel axes; {sorted(shared)} "
-                "split the classes (axis_name), over which the per-example losses "
-                "are already complete."
-            )
+        labels = _checks.check_labels_in_range(labels, num_classes, ignore_index)
+    _sharding.check_reduction_axes(axis_name, reduction_axis_name)
 
     cfg = _Config(
         integer, label_smoothing, z_loss, ignore_index, num_classes, axis_name
     )
     losses = _IMPLEMENTATIONS[implementation](x, labels, keep, class_weights, cfg)
     if per_example is not None:
-        losses = per_example(losses, labels, num_classes)
+        losses = per_example(losses, labels, num_local, axis_name)
     if reduction != "mean" or normalizer is not None:
         return reduce_loss(losses, reduction, None, normalizer, reduction_axis_name)
     return reduce_loss(
@@ -429,10 +449,8 @@ def _denominator(x, labels, keep, class_weights, cfg: _Config):
     scored, _ = example_status(labels, keep, x.shape, cfg)
     if not cfg.integer or class_weights is None:
         return jnp.sum(scored)
-    ids = class_ids(x.shape[-1], cfg.axis_name)
     w = class_weights.astype(compute_dtype(class_weights.dtype))
-    w_label = _row_sum(jnp.where(ids == labels[..., None], w, 0), cfg)
-    return jnp.sum(jnp.where(scored, w_label, 0))
+    return jnp.sum(jnp.where(scored, label_values(w, labels, cfg.axis_name), 0))
 
 
 def softmax_cross_entropy_with_integer_labels(
