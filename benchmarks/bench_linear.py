@@ -7,7 +7,8 @@ mean loss over integer labels, float32:
   nothing runs) of ``xent_jax.linear_cross_entropy`` and of
   ``optax.losses.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()``
   at N=8192, D=1024 for V in {32768, 131072, 262144}, with their ratio and the
-  bytes of one float32 logits array for scale;
+  bytes of one float32 logits array for scale, and of the fused loss on a tied
+  embedding ``emb`` [V, D] passed as ``emb.T`` (W's size if it were copied);
 * time: the median wall time of both, and their ratio, at N=2048, D=512,
   V=32768 and N=1024, D=256, V=131072.
 
@@ -54,10 +55,11 @@ def _step(loss):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def temp_bytes(loss, n: int, d: int, v: int, dtype=jnp.float32) -> int:
-    """Compiled temporary memory of value_and_grad(loss) w.r.t. (x, w)."""
+def temp_bytes(loss, n: int, d: int, v: int, dtype=jnp.float32, tied=False) -> int:
+    """Compiled temporary memory of value_and_grad(loss) w.r.t. (x, w); with
+    ``tied``, ``loss`` gets ``emb`` [V, D] in place of ``w``."""
     x = jax.ShapeDtypeStruct((n, d), dtype)
-    w = jax.ShapeDtypeStruct((d, v), dtype)
+    w = jax.ShapeDtypeStruct((v, d) if tied else (d, v), dtype)
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
     compiled = _step(loss).lower(x, w, y).compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -77,16 +79,22 @@ def _median_times(fns: dict, args: tuple, repeats: int) -> dict:
 
 def memory_table(shapes, block_size) -> list[dict]:
     rows = []
-    print("| N x D x V | logits MiB | xent temp MiB | optax temp MiB | optax/xent |")
-    print("|---|---|---|---|---|")
+    print(
+        "| N x D x V | logits MiB | xent temp MiB | optax temp MiB | optax/xent "
+        "| W MiB | xent on emb.T temp MiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n, d, v in shapes:
         losses = _losses(block_size)
         mem = {name: temp_bytes(f, n, d, v) / MiB for name, f in losses.items()}
+        tied = lambda x, e, y, f=losses["xent"]: f(x, e.T, y)  # noqa: E731
+        mem["tied"] = temp_bytes(tied, n, d, v, tied=True) / MiB
         row = dict(shape=f"{n}x{d}x{v}", logits=n * v * 4 / MiB, **mem)
         rows.append(row)
         print(
             f"| {row['shape']} | {row['logits']:.0f} | {mem['xent']:.1f} "
-            f"| {mem['optax']:.0f} | {mem['optax'] / mem['xent']:.0f} |",
+            f"| {mem['optax']:.0f} | {mem['optax'] / mem['xent']:.0f} "
+            f"| {d * v * 4 / MiB:.0f} | {mem['tied']:.1f} |",
             flush=True,
         )
     return rows

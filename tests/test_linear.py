@@ -21,7 +21,7 @@ import optax
 import pytest
 from jax.experimental import checkify
 
-from xent_jax._linear import linear_cross_entropy
+from xent_jax._linear import _is_transposed, linear_cross_entropy
 
 N, D = 13, 8
 V = 200  # divisible by 8: the vocabulary is processed as 8 groups of 25
@@ -61,17 +61,23 @@ def _close(a, b, dtype=jnp.float32, scale=None):
     np.testing.assert_allclose(a, b, **t)
 
 
-def _vjp_check(opts, x, w, b, y, dtype=jnp.float32, block_size=None, seed=3):
-    """Values and VJPs w.r.t. (x, w, bias) under a random cotangent."""
+def _vjp_check(
+    opts, x, w, b, y, dtype=jnp.float32, block_size=None, seed=3, tied=False
+):
+    """Values and VJPs w.r.t. (x, w, bias) under a random cotangent. ``tied``:
+    ``w`` is a tied embedding ``[V, D]``, passed to the loss as ``w.T``."""
 
     def f(impl):
         def fn(x, w, b):
             o = dict(opts)
             if o.pop("with_bias", True):
                 o["bias"] = b
+            if tied:
+                # The [V, D] path is taken (under jit, for the blockwise loss).
+                assert _is_transposed(w.T) or impl == "reference"
             return linear_cross_entropy(
                 x,
-                w,
+                w.T if tied else w,
                 y,
                 implementation=impl,
                 block_size=block_size if impl == "blockwise" else None,
@@ -137,6 +143,56 @@ def test_matches_reference_random_cotangent(name, dtype):
     x, w, b, y, cw = _data(dtype=dtype)
     opts, y = _opts(name, cw, y)
     _vjp_check(dict(opts, reduction="none"), x, w, b, y, dtype, block_size=(5, 24))
+
+
+TIED_CASES = [
+    ("all", jnp.float32, (5, 24)),
+    ("plain", jnp.float32, 7),
+    ("class_weights", jnp.float32, None),
+    ("all", jnp.bfloat16, (4, 64)),
+]
+
+
+@pytest.mark.parametrize(
+    "name,dtype,block_size",
+    TIED_CASES,
+    ids=[f"{n}-{jnp.dtype(d).name}-{b}" for n, d, b in TIED_CASES],
+)
+def test_tied_embedding_matches_reference(name, dtype, block_size):
+    """``emb.T`` runs the [V, D] path: values and gradients w.r.t. ``emb``."""
+    for v in (V, V_ODD):
+        x, w, b, y, cw = _data(v=v, dtype=dtype)
+        opts, y = _opts(name, cw, y)
+        _vjp_check(
+            dict(opts, reduction="none"),
+            x,
+            w.T,
+            b,
+            y,
+            dtype,
+            block_size=block_size,
+            tied=True,
+        )
+
+
+def test_tied_embedding_filtering_is_exact_at_zero():
+    x, w, b, y, cw = _data()
+    opts = dict(ignore_index=IGNORE, filter_threshold=0.0, logit_softcap=4.0)
+    _vjp_check(dict(opts, reduction="none"), x, w.T, b, y, block_size=7, tied=True)
+
+
+def test_transpose_detection():
+    emb = jnp.ones((6, 4))
+    assert not _is_transposed(emb.T)  # eager: already a copy
+    seen = []
+
+    def loss(emb, w):
+        seen.append((_is_transposed(emb.T), _is_transposed(w), _is_transposed(emb)))
+        return jnp.sum(emb.T) + jnp.sum(w)
+
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(emb, emb.T)
+    jax.jit(jax.vmap(jax.grad(loss)))(emb[None], emb.T[None])
+    assert seen == [(True, False, False)] * 2
 
 
 @pytest.mark.parametrize(
@@ -488,7 +544,8 @@ def _temp_bytes(n, d, v, dtype=jnp.float32, block_size=(256, 1024), tied=False):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
-    """Compile only: no [N, V] buffer, and no full-size upcast of w."""
+    """Compile only: no [N, V] buffer, no full-size upcast of w, no copy of a
+    transposed (tied) w."""
     n, d = 2048, 256
     temps = {v: _temp_bytes(n, d, v, dtype) for v in (16384, 65536)}
     logits_bytes = n * 16384 * 4
@@ -496,6 +553,9 @@ def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
     assert temps[65536] <= temps[16384] * 1.05 + 2**20, temps
     w_bytes = d * 65536 * jnp.dtype(dtype).itemsize
     assert temps[65536] < w_bytes / 4, temps
+    # A tied embedding passed as emb.T: neither W nor dW is copied.
+    tied = _temp_bytes(n, d, 65536, dtype, tied=True)
+    assert tied <= temps[65536] * 1.05 + 2**20, (tied, temps)
 
 
 def test_sharded_vocabulary_is_not_gathered():

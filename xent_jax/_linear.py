@@ -40,8 +40,13 @@ per-device computation in a ``shard_map`` over the inputs' mesh itself.
 XLA CPU notes (each measured with ``memory_analysis()``): 16-bit operands of a
 loop's slices are upcast by XLA CPU, and the upcast of a loop-invariant ``w``
 would be hoisted into a float32 copy of all of ``w``; see :func:`_block`. A
-loop carries ``w`` in row-major ``[D, V]`` layout, so a transposed ``w``
-(``emb.T``) is copied once (and so is its gradient).
+loop carries its operands in row-major layout, so slicing columns of a
+transposed ``w`` (``emb.T``) would copy it (and its gradient) once. The
+kernel therefore also has a row layout (``_Config.rows``): when ``w`` is traced
+as a transpose it runs on ``transpose(w)`` ``[V, D]``, which XLA folds with the
+caller's transpose, slicing rows of ``emb`` and producing ``dw`` as ``[V, D]``
+(see :func:`_is_transposed`). In that layout the grouped view is
+``[G, V / G, D]``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class _Config(NamedTuple):
     groups: int
     filter_threshold: float | None
     axis_name: Any  # shard_map axes over which the vocabulary is split
+    rows: bool  # the kernel's w is [V, D] (a tied embedding), else [D, V]
 
 
 # --- small helpers -------------------------------------------------------------
@@ -137,7 +143,8 @@ def _global(stats, cfg: _Config):
 
 
 def _block_logits(xb, wb, bb, cfg: _Config, cdt):
-    """The (capped) logits of one block: ``xb`` [n, D] times ``wb`` [D, c].
+    """The (capped) logits of one block: ``xb`` [n, D] times ``wb`` [D, c]
+    (``wb`` [c, D], transposed, under ``cfg.rows``).
 
     The operands are multiplied in their own dtype with ``cdt`` (float32 for
     16-bit inputs) accumulation; only the block is ever cast.
@@ -146,7 +153,7 @@ def _block_logits(xb, wb, bb, cfg: _Config, cdt):
     raw = jax.lax.dot_general(
         xb.astype(op),
         wb.astype(op),
-        (((1,), (0,)), ((), ())),
+        (((1,), (1 if cfg.rows else 0,)), ((), ())),
         preferred_element_type=cdt,
     )
     if bb is not None:
@@ -166,6 +173,13 @@ def _grouped(a, groups: int):
     if groups == 1:
         return a
     return a.reshape(a.shape[:-1] + (groups, a.shape[-1] // groups))
+
+
+def _grouped_rows(a, groups: int):
+    """``a`` [V, D] viewed as [G, V / G, D] (a bitcast); as is when G = 1."""
+    if groups == 1:
+        return a
+    return a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
 
 
 def _block_ids(start, size: int, groups: int, per_group: int, offset):
@@ -231,7 +245,7 @@ def _example_terms(labels, class_weights, cfg: _Config, cdt):
 class _Views(NamedTuple):
     """Grouped views of the per-class operands (see the module docstring)."""
 
-    w: jax.Array  # [D, (G,) L]
+    w: jax.Array  # [D, (G,) L], or [(G,) L, D] under cfg.rows
     bias: jax.Array | None  # [(G,) L]
     smooth_w: jax.Array | None  # class weights [(G,) L] under label smoothing
     per_group: int  # L = V / G
@@ -244,12 +258,30 @@ def _views(w, bias, class_weights, cfg: _Config) -> _Views:
     if cfg.label_smoothing and class_weights is not None:
         smooth_w = _grouped(class_weights, G)
     return _Views(
-        _grouped(w, G),
+        _grouped_rows(w, G) if cfg.rows else _grouped(w, G),
         None if bias is None else _grouped(bias, G),
         smooth_w,
-        w.shape[1] // G,
-        _vocab_offset(w.shape[1], cfg),
+        _vocab_size(w, cfg) // G,
+        _vocab_offset(_vocab_size(w, cfg), cfg),
     )
+
+
+def _vocab_size(w, cfg: _Config) -> int:
+    """Classes (on this device) of the kernel's ``w``."""
+    return w.shape[0] if cfg.rows else w.shape[1]
+
+
+def _vocab_axis(a, cfg: _Config) -> int:
+    """The class axis of the grouped view of ``w`` (or of ``dw``)."""
+    return a.ndim - 2 if cfg.rows else a.ndim - 1
+
+
+def _w_block(vw: _Views, s, cs: int, d: int, cfg: _Config):
+    """Classes ``s:s+cs`` of every group, flattened to [D, G cs] ([G cs, D]
+    under ``cfg.rows``): the dots stay 2-D (XLA CPU has no 16-bit kernel for
+    some 3-D dots)."""
+    wb = _block(vw.w, s, cs, _vocab_axis(vw.w, cfg))
+    return wb.reshape(-1, d) if cfg.rows else wb.reshape(d, -1)
 
 
 def _per_class_block(a, start, size: int):
@@ -273,9 +305,7 @@ def _forward(x, w, bias, labels, class_weights, cfg: _Config):
     vw = _views(w, bias, class_weights, cfg)
 
     def vocab_step(s, cs, carry):
-        # Blocks are flattened to [D, G c]: the dot stays 2-D (XLA CPU has no
-        # 16-bit kernel for some 3-D dots).
-        wb = _block(vw.w, s, cs, vw.w.ndim - 1).reshape(w.shape[0], -1)
+        wb = _w_block(vw, s, cs, x.shape[1], cfg)
         bb = _flat(_per_class_block(vw.bias, s, cs))
         ub = _flat(_per_class_block(vw.smooth_w, s, cs))
         ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
@@ -366,9 +396,7 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
 
     def vocab_step(s, cs, carry):
         dx, dw, db = carry
-        # Blocks are flattened to [D, G c]: the dot stays 2-D (XLA CPU has no
-        # 16-bit kernel for some 3-D dots).
-        wb = _block(vw.w, s, cs, vw.w.ndim - 1).reshape(w.shape[0], -1)
+        wb = _w_block(vw, s, cs, x.shape[1], cfg)
         bb = _flat(_per_class_block(vw.bias, s, cs))
         ub = _flat(_per_class_block(vw.smooth_w, s, cs))
         ids = _block_ids(s, cs, cfg.groups, vw.per_group, vw.offset).reshape(-1)
@@ -401,14 +429,13 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
                 dx_b = jax.lax.dot_general(
                     dzo,
                     wb.astype(op),
-                    (((1,), (1,)), ((), ())),
+                    (((1,), (0 if cfg.rows else 1,)), ((), ())),
                     preferred_element_type=cdt,
                 )
+                # dw's block: [D, G c], or [G c, D] under cfg.rows.
+                lhs, rhs = (dzo, xb.astype(op)) if cfg.rows else (xb.astype(op), dzo)
                 dw_b = jax.lax.dot_general(
-                    xb.astype(op),
-                    dzo,
-                    (((0,), (0,)), ((), ())),
-                    preferred_element_type=cdt,
+                    lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=cdt
                 )
                 db_b = jnp.sum(dz, axis=0)
                 return (
@@ -422,16 +449,18 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
             skip = jnp.max(p) < cfg.filter_threshold
             return jax.lax.cond(skip, lambda _: (dx, dwb, dbb), accumulate, None)
 
-        init = (dx, jnp.zeros((d,) + ids.shape, cdt), jnp.zeros(ids.shape, cdt))
+        dwb_shape = ids.shape + (d,) if cfg.rows else (d,) + ids.shape
+        init = (dx, jnp.zeros(dwb_shape, cdt), jnp.zeros(ids.shape, cdt))
         init = _sharding.varying_like(init, x, w, bias, labels, coef)
         dx, dwb, dbb = _for_blocks(n, cfg.token_block, token_step, init)
         # Under shard_map with examples split over a data axis that w is
         # replicated over, each block of dw is summed over that axis here: a
         # block-sized all-reduce, rather than one of all of dw at the end.
         dwb = _sharding.match_varying(dwb, w)
-        # Back to the grouped layout [D, (G,) cs] for the update.
-        dwb = dwb.reshape(dw.shape[:-1] + (cs,))
-        dw = _block_update(dw, dwb, s, dw.ndim - 1)
+        # Back to the grouped layout [D, (G,) cs] ([(G,) cs, D]) for the update.
+        axis = _vocab_axis(dw, cfg)
+        dwb = dwb.reshape(dw.shape[:axis] + (cs,) + dw.shape[axis + 1 :])
+        dw = _block_update(dw, dwb, s, axis)
         if db is not None:
             dbb = _sharding.match_varying(dbb, bias)
             dbb = dbb.reshape(db.shape[:-1] + (cs,)).astype(db.dtype)
@@ -457,11 +486,17 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
         if cfg.logit_softcap is not None:
             k = k * (1 - jnp.square(zy / cfg.logit_softcap))
         local = labels - vw.offset
-        k = jnp.where((local >= 0) & (local < w.shape[1]), k, 0)  # owned here
-        y = jnp.clip(local, 0, w.shape[1] - 1)
-        w_cols = jnp.take(w, y, axis=1).astype(cdt)  # [D, N]
-        dx = dx - k[:, None] * w_cols.T
-        dw = _scatter_add(dw, y, -(x.astype(cdt) * k[:, None]).T, w)
+        num_local = _vocab_size(w, cfg)
+        k = jnp.where((local >= 0) & (local < num_local), k, 0)  # owned here
+        y = jnp.clip(local, 0, num_local - 1)
+        g_rows = -(x.astype(cdt) * k[:, None])  # [N, D]
+        if cfg.rows:
+            dx = dx - k[:, None] * jnp.take(w, y, axis=0).astype(cdt)
+            dw = _scatter_add(dw, y, g_rows, w, rows=True)
+        else:
+            w_cols = jnp.take(w, y, axis=1).astype(cdt)  # [D, N]
+            dx = dx - k[:, None] * w_cols.T
+            dw = _scatter_add(dw, y, g_rows.T, w)
         if db is not None:
             db = _scatter_add(db, y, -k, bias)
     # Under axis_name each shard holds its part of dx. As for `x @ w` with w
@@ -470,15 +505,17 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
     return _sharding.match_varying(dx, x).astype(x.dtype), dw, db
 
 
-def _scatter_add(grad, columns, update, primal):
-    """``grad[..., columns] += update`` (``update``'s last axis per example),
-    summed over the data axes that ``primal`` is replicated over (see
+def _scatter_add(grad, columns, update, primal, rows: bool = False):
+    """``grad[..., columns] += update`` (``update``'s last axis per example;
+    ``grad[columns] += update``, its first axis, when ``rows``), summed over
+    the data axes that ``primal`` is replicated over (see
     ``_sharding.match_varying``): then through a ``grad``-sized buffer, since
     each device scatters to other columns."""
     update = update.astype(grad.dtype)
+    at = (columns,) if rows else (..., columns)
     if not _sharding.extra_varying(update, primal):
-        return grad.at[..., columns].add(update)
-    scattered = jnp.zeros(grad.shape, grad.dtype).at[..., columns].add(update)
+        return grad.at[at].add(update)
+    scattered = jnp.zeros(grad.shape, grad.dtype).at[at].add(update)
     return grad + _sharding.match_varying(scattered, primal)
 
 
@@ -505,6 +542,41 @@ def _blockwise_bwd(cfg: _Config, residual, cotangents):
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# --- layout of w ----------------------------------------------------------------
+
+
+def _is_transposed(w) -> bool:
+    """Whether ``w`` is, under tracing, the output of a 2-D ``transpose``.
+
+    A tied embedding is passed as ``emb.T``. Under ``jax.jit`` the kernel then
+    runs on ``jnp.transpose(w)``, which XLA folds with the caller's transpose
+    (``transpose(transpose(emb))`` is ``emb``), so the loops slice rows of
+    ``emb`` itself and ``dw`` is produced in ``emb``'s layout: neither ``w`` nor
+    its gradient is copied. Autodiff tracers (JVP / linearize) are unwrapped to
+    their primal. Only the choice of path depends on this: when a transpose is
+    not recognised (eager arrays, a transpose behind a cast or a jit boundary,
+    other tracers or jax versions), the ``[D, V]`` path runs, as before.
+    """
+    try:
+        t = w
+        for _ in range(16):  # nested JVP / linearize (primal), vmap (val) tracers
+            inner = getattr(t, "primal", None)
+            if inner is None:
+                inner = getattr(t, "val", None)
+            if not isinstance(inner, jax.core.Tracer):
+                break
+            t = inner
+        eqn = getattr(t, "parent", None)  # DynamicJaxprTracer's producer
+        if eqn is None or getattr(eqn, "primitive", None) is not jax.lax.transpose_p:
+            return False
+        # The last two axes swapped (a vmapped 2-D transpose keeps batch axes).
+        perm = tuple(eqn.params["permutation"])
+        n = len(perm)
+        return n >= 2 and perm == tuple(range(n - 2)) + (n - 1, n - 2)
+    except Exception:  # noqa: BLE001 (jax internals: never fail here)
+        return False
 
 
 # --- reference ------------------------------------------------------------------
@@ -596,9 +668,10 @@ def linear_cross_entropy(
       x: Hidden states ``[..., D]``, any floating dtype. 16-bit inputs are
         multiplied in their own dtype with float32 accumulation.
       w: Classifier ``[D, V]`` (a Dense kernel). For a tied embedding ``[V, D]``
-        pass ``emb.T``. Known limitation: under XLA CPU that transpose is
-        materialised once (one copy of ``w`` and one of its gradient); the
-        blocks themselves are never upcast or copied beyond one block.
+        pass ``emb.T``: under ``jax.jit`` the kernel then reads rows of
+        ``emb`` directly, and neither ``w`` nor its gradient is copied (outside
+        ``jit`` an eager ``emb.T`` is already a copy). The blocks themselves are
+        never upcast or copied beyond one block.
       labels: Integer class ids ``[...]`` (``x``'s shape without ``D``). Ids
         outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` for
         concrete inputs; under ``jit`` their loss is NaN with no gradient and
@@ -730,13 +803,20 @@ def linear_cross_entropy(
         padded=num_classes < v,
         logit_softcap=logit_softcap,
         filter_threshold=filter_threshold,
+        # A tied embedding's emb.T: the kernel runs on w.T [V, D], which XLA
+        # folds with the caller's transpose (see _is_transposed).
+        rows=implementation == "blockwise" and _is_transposed(w),
     )
+    if options["rows"]:
+        w = jnp.transpose(w)
     per_example = functools.partial(
         _per_example, implementation=implementation, block_size=block_size, **options
     )
     args = (x, w, bias, labels, class_weights)
     if axis_name is None and _sharding.explicit_axes(*args):
-        per_example, args = _in_explicit_shard_map(per_example, *args)
+        per_example, args = _in_explicit_shard_map(
+            per_example, *args, rows=options["rows"]
+        )
     losses, lse, example_weight = per_example(*args, axis_name=axis_name)
     denominator = None
     if reduction == "mean" and normalizer is None:
@@ -750,8 +830,8 @@ def _per_example(
 ):
     """Per-example losses, lse and weights in the mean's denominator (the
     label's class weight, 1 without weights, 0 when not scored), with the
-    labels' shape."""
-    d, v_local = w.shape
+    labels' shape. ``w`` is ``[V, D]`` under ``opts["rows"]``."""
+    d, v_local = w.shape[::-1] if opts["rows"] else w.shape
     x2 = x.reshape(-1, d)
     y1 = labels.reshape(-1)
     groups = next(g for g in _GROUP_CHOICES if v_local % g == 0)
@@ -789,7 +869,7 @@ def _per_example(
     return tuple(a.reshape(labels.shape) for a in (losses, lse, example_weight))
 
 
-def _in_explicit_shard_map(per_example, x, w, bias, labels, class_weights):
+def _in_explicit_shard_map(per_example, x, w, bias, labels, class_weights, rows):
     """``per_example`` inside ``jax.shard_map`` over the mesh of the inputs'
     Explicit sharding types, and the inputs placed for it.
 
@@ -799,15 +879,16 @@ def _in_explicit_shard_map(per_example, x, w, bias, labels, class_weights):
     axes that split ``w``'s vocabulary) with the examples split as ``x``'s
     leading axes are. Inputs placed otherwise (``w`` or ``x`` split over
     ``D``, labels placed unlike ``x``) are resharded first. The per-example
-    outputs are split like the examples.
+    outputs are split like the examples. ``w`` is ``[V, D]`` when ``rows``.
     """
     args = (x, w, bias, labels, class_weights)
     mesh = _sharding.explicit_mesh(*args)
     x_spec = tuple(_sharding.explicit_spec(x) or ())
     batch = (x_spec[: x.ndim - 1] + (None,) * x.ndim)[: x.ndim - 1]
-    vocab = (tuple(_sharding.explicit_spec(w) or ()) + (None, None))[1]
+    vocab = (tuple(_sharding.explicit_spec(w) or ()) + (None, None))[0 if rows else 1]
     P = jax.sharding.PartitionSpec
-    specs = (P(*batch, None), P(None, vocab), P(vocab), P(*batch), P(vocab))
+    w_spec = P(vocab, None) if rows else P(None, vocab)
+    specs = (P(*batch, None), w_spec, P(vocab), P(*batch), P(vocab))
     args = tuple(
         None if a is None else _sharding.reshard_to(a, spec, mesh)
         for a, spec in zip(args, specs, strict=True)
