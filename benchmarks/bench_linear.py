@@ -23,12 +23,12 @@ reduced to medians, and the ratios are what to read.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import median_times  # benchmarks/_timing.py
 
 from xent_jax._linear import linear_cross_entropy
 
@@ -63,18 +63,6 @@ def temp_bytes(loss, n: int, d: int, v: int, dtype=jnp.float32, tied=False) -> i
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
     compiled = _step(loss).lower(x, w, y).compile()
     return compiled.memory_analysis().temp_size_in_bytes
-
-
-def _median_times(fns: dict, args: tuple, repeats: int) -> dict:
-    for f in fns.values():
-        jax.block_until_ready(f(*args))  # compile and warm up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():  # interleaved, so load drifts hit all
-            start = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def memory_table(shapes, block_size) -> list[dict]:
@@ -116,7 +104,7 @@ def time_table(shapes, block_size, filter_threshold, repeats: int) -> list[dict]
         fns = {name: _step(f) for name, f in _losses(block_size).items()}
         if filter_threshold:
             fns["filtered"] = _step(_losses(block_size, filter_threshold)["xent"])
-        t = _median_times(fns, (x, w, y), repeats)
+        t = median_times(fns, {name: (x, w, y) for name in fns}, repeats)
         row = dict(shape=f"{n}x{d}x{v}", **{k: s * 1e3 for k, s in t.items()})
         rows.append(row)
         line = (
