@@ -15,6 +15,16 @@ TOL = {
 }
 
 
+def float64():
+    """Context manager enabling float64: ``jax.enable_x64`` where it exists
+    (recent jax), ``jax.experimental.enable_x64`` before."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
 def tol(dtype):
     rtol, atol = TOL[jnp.dtype(dtype)]
     return dict(rtol=rtol, atol=atol)

@@ -17,6 +17,7 @@ from core_helpers import (
     IMPLS,
     assert_close,
     cotangent_like,
+    float64,
     int_labels,
     logits,
     rng,
@@ -50,7 +51,7 @@ def _int_fn(impl, y, reduction="none", **kw):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("opts", ["plain", "all"])
 def test_check_grads_integer_float64(impl, reduction, opts):
-    with jax.enable_x64(True):
+    with float64():
         x = logits((N, C), dtype=jnp.float64)
         y = jnp.array([0, 3, -100, 2])
         kw = dict(ignore_index=-100)
@@ -74,7 +75,7 @@ def test_check_grads_integer_float64(impl, reduction, opts):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_check_grads_soft_float64(impl, reduction):
-    with jax.enable_x64(True):
+    with float64():
         x = logits((N, C), dtype=jnp.float64)
         t = soft_labels((N, C), normalised=False, dtype=jnp.float64)
 
@@ -95,7 +96,7 @@ def test_check_grads_soft_float64(impl, reduction):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_check_grads_bce_float64(impl, reduction):
-    with jax.enable_x64(True):
+    with float64():
         x = logits((N, C), dtype=jnp.float64)
         y = soft_labels((N, C), normalised=False, dtype=jnp.float64)
 

@@ -12,6 +12,7 @@ from core_helpers import (
     IMPLS,
     assert_close,
     cotangent_like,
+    float64,
     int_labels,
     logits,
     soft_labels,
@@ -76,7 +77,7 @@ def test_dtype_contract_and_accuracy(impl, dtype, kind):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float64(impl):
-    with jax.enable_x64(True):
+    with float64():
         x = logits((N, C), dtype=jnp.float64)
         y = int_labels((N,), C)
         out, g = jax.jit(
