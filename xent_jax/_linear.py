@@ -60,8 +60,11 @@ import jax.numpy as jnp
 from xent_jax import _checks, _sharding
 from xent_jax._reduction import Reduction, reduce_loss
 from xent_jax._softmax import (
+    class_ids,
+    class_offset,
     compute_dtype,
     label_values,
+    owned_index,
     softmax_cross_entropy_with_integer_labels,
 )
 
@@ -127,14 +130,6 @@ def _slice(a, start, size: int, axis: int):
 
 def _update(a, update, start, axis: int):
     return jax.lax.dynamic_update_slice_in_dim(a, update, start, axis=axis)
-
-
-def _vocab_offset(num_local: int, cfg: _Config) -> Any:
-    """Global id of this device's first class (``axis_name`` splits ``w``'s
-    columns into equal contiguous slices, in ``axis_index`` order)."""
-    if cfg.axis_name is None:
-        return 0
-    return jax.lax.axis_index(cfg.axis_name) * num_local
 
 
 def _global(stats, cfg: _Config):
@@ -234,7 +229,7 @@ def _example_terms(labels, class_weights, cfg: _Config, cdt):
     w_y = label_values(cw, labels, cfg.axis_name)
     if cfg.padded:
         num_local = cw.shape[0]
-        real = _vocab_offset(num_local, cfg) + jnp.arange(num_local) < cfg.num_classes
+        real = class_ids(num_local, cfg.axis_name) < cfg.num_classes
         cw = jnp.where(real, cw, 0)
     return scored, bad, w_y, _global(jnp.sum(cw), cfg)
 
@@ -262,7 +257,7 @@ def _views(w, bias, class_weights, cfg: _Config) -> _Views:
         None if bias is None else _grouped(bias, G),
         smooth_w,
         _vocab_size(w, cfg) // G,
-        _vocab_offset(_vocab_size(w, cfg), cfg),
+        class_offset(_vocab_size(w, cfg), cfg.axis_name),
     )
 
 
@@ -485,10 +480,8 @@ def _backward(x, w, bias, labels, class_weights, lse, zy, g_loss, g_lse, cfg):
         k = onehot_coef
         if cfg.logit_softcap is not None:
             k = k * (1 - jnp.square(zy / cfg.logit_softcap))
-        local = labels - vw.offset
-        num_local = _vocab_size(w, cfg)
-        k = jnp.where((local >= 0) & (local < num_local), k, 0)  # owned here
-        y = jnp.clip(local, 0, num_local - 1)
+        y, owned = owned_index(labels, _vocab_size(w, cfg), cfg.axis_name)
+        k = jnp.where(owned, k, 0)
         g_rows = -(x.astype(cdt) * k[:, None])  # [N, D]
         if cfg.rows:
             dx = dx - k[:, None] * jnp.take(w, y, axis=0).astype(cdt)

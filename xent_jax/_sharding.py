@@ -121,8 +121,7 @@ def match_varying(ct: jax.Array, primal: Any) -> jax.Array:
     extra = extra_varying(ct, primal)
     if extra:
         ct = jax.lax.psum(ct, extra)
-    missing = tuple(a for a in _vma(primal) if a not in _vma(ct))
-    return to_varying(ct, missing)
+    return varying_like(ct, primal)
 
 
 def check_reduction_axes(axis_name: Any, reduction_axis_name: Any) -> None:

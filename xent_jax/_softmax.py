@@ -60,12 +60,25 @@ def _row_max(v: jax.Array, cfg: _Config) -> jax.Array:
     return m if cfg.axis_name is None else jax.lax.pmax(m, cfg.axis_name)
 
 
+def class_offset(num_local: int, axis_name: AxisName = None) -> Any:
+    """Global id of the first class held here: ``axis_name`` splits the classes
+    into equal contiguous slices, in ``axis_index`` order."""
+    if axis_name is None:
+        return 0
+    return jax.lax.axis_index(axis_name) * num_local
+
+
 def class_ids(num_local: int, axis_name: AxisName = None) -> jax.Array:
     """Global ids of the classes held here (an offset slice under axis_name)."""
-    ids = jax.lax.iota(jnp.int32, num_local)
-    if axis_name is not None:
-        ids = ids + jax.lax.axis_index(axis_name) * num_local
-    return ids
+    return jax.lax.iota(jnp.int32, num_local) + class_offset(num_local, axis_name)
+
+
+def owned_index(labels, num_local: int, axis_name: AxisName = None):
+    """``(index, owned)``: each label's index into the classes held here
+    (clipped into range) and whether they hold it at all."""
+    local = labels - class_offset(num_local, axis_name)
+    owned = (local >= 0) & (local < num_local)
+    return jnp.clip(local, 0, num_local - 1), owned
 
 
 def example_status(labels, keep, x_shape, cfg: _Config):
@@ -163,11 +176,8 @@ def label_values(values, labels, axis_name: AxisName = None):
         hit = class_ids(num_local, axis_name) == labels[..., None]
         picked = jnp.sum(jnp.where(hit, values, 0), axis=-1)
     else:
-        local = labels
-        if axis_name is not None:
-            local = labels - jax.lax.axis_index(axis_name) * num_local
-        owned = (local >= 0) & (local < num_local)
-        picked = jnp.where(owned, values[jnp.clip(local, 0, num_local - 1)], 0)
+        index, owned = owned_index(labels, num_local, axis_name)
+        picked = jnp.where(owned, values[index], 0)
     return picked if axis_name is None else jax.lax.psum(picked, axis_name)
 
 
@@ -187,11 +197,7 @@ def label_logits_and_weights(x, labels, class_weights, cfg: _Config):
         hit = class_ids(num_local, cfg.axis_name) == labels[..., None]
         x_y = jnp.sum(jnp.where(hit, x, 0), axis=-1)
     else:
-        local = labels
-        if cfg.axis_name is not None:
-            local = labels - jax.lax.axis_index(cfg.axis_name) * num_local
-        owned = (local >= 0) & (local < num_local)
-        index = jnp.clip(local, 0, num_local - 1)
+        index, owned = owned_index(labels, num_local, cfg.axis_name)
         x_y = jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]
         x_y = jnp.where(owned, x_y, 0)
     if cfg.axis_name is not None:
