@@ -2,52 +2,91 @@
 
 Written from the formulas in the specification, not from the package: it must
 never import ``xent_jax``. Gradients come from ordinary autodiff, so every
-transformation (jvp, hessian, grad-of-grad) works on it.
+transformation (jvp, hessian, grad-of-grad) works on it, and the gradient with
+respect to every floating input (logits, soft labels, class weights, ``x``,
+``w``, ``bias``, BCE ``weights`` and ``pos_weight``, focal ``alpha``, a
+``normalizer``) is the true one.
 
-Conventions (integer labels, per example, not ignored; ``keep`` = ``where``;
-``C_row`` = number of kept classes in the row; ``w`` = class weights or 1):
+Conventions (integer labels, per example; ``keep`` = ``where``; ``C_row`` =
+number of kept classes in the row; ``w`` = class weights or 1):
 
     t    = w * ((1 - a) * onehot(y) + a / C_row) * keep
-    loss = sum_c t_c * (lse - x_c) + z * lse**2
+    ce   = sum_c t_c * (lse - x_c)
+    zl   = z * lse**2                     (nothing at all when z == 0)
+    loss = ce + zl
 
-Soft labels use ``labels`` in place of ``onehot(y)``. Fully masked and ignored
-rows have loss 0 and gradient 0. Classes whose target mass is zero contribute
-nothing even when their logit is ``-inf`` (``0 * log 0 = 0``).
+Soft labels use ``labels`` in place of ``onehot(y)``. In detail:
+
+* Labels are compared exactly, whatever their integer dtype: a label is a
+  class iff ``0 <= v < C``, ignored iff ``v == ignore_index`` (an
+  ``ignore_index`` the labels' dtype cannot represent matches nothing), and
+  out of range otherwise: its loss is NaN and it gets no gradient.
+* Ignored, out-of-range and fully masked rows are *unscored*: loss 0 (NaN when
+  out of range) and exactly zero gradient, whatever their logits (NaN, +-inf).
+* A NaN in a kept class of a scored row makes that row's loss NaN.
+* A class whose target mass is zero contributes nothing even when its logit is
+  +-inf (``0 * log 0 = 0``). A ``-inf`` logit with target mass gives ``+inf``
+  (also when every kept logit is ``-inf``); a ``+inf`` logit makes ``lse``
+  ``+inf`` (the loss is ``+inf``, NaN if the target has mass on a ``+inf``
+  class).
+* Everything is computed in shifted coordinates (``x - max``), so a large
+  common offset costs no accuracy; 16-bit inputs are computed in float32.
+
+Reductions (:func:`reduce_terms`): ``"mean"`` is
+``sum(ce) / D_ce + sum(zl) / D_z`` with ``D_z`` the number of scored examples
+and ``D_ce`` the sum of ``class_weights[label]`` over them (integer labels
+with class weights; the count otherwise). A zero denominator makes its term 0.
+A scalar ``normalizer`` replaces both denominators, a pair ``(n_ce, n_z)`` each.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Terms",
     "bce",
+    "integer_mean_denominator",
     "integer_xent",
+    "integer_xent_terms",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "label_status",
+    "linear_logits",
+    "linear_xent",
+    "linear_xent_terms",
+    "mean_of_terms",
     "poly_loss",
     "reduce",
+    "reduce_terms",
     "safe_soft_xent",
     "sigmoid_focal",
     "smooth_labels",
     "soft_xent",
+    "soft_xent_terms",
     "softmax_focal",
     "torch_cross_entropy_np",
 ]
 
 
 def _axes(axis, ndim):
-    if isinstance(axis, int):
-        axis = (axis,)
-    return tuple(sorted(a % ndim for a in axis))
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int | np.integer):
+        axis = (int(axis),)
+    return tuple(sorted(int(a) % ndim for a in axis))
 
 
 def _classes_last(x, axes):
     """Moves the class axes to the end (keeping their order) and flattens them."""
     batch = tuple(i for i in range(x.ndim) if i not in axes)
+    n_classes = int(np.prod([x.shape[a] for a in axes]))
     x = jnp.transpose(x, batch + axes)
-    return x.reshape(x.shape[: len(batch)] + (-1,))
+    return x.reshape(x.shape[: len(batch)] + (n_classes,))
 
 
 def _keep_mask(where, shape, axes):
@@ -60,35 +99,203 @@ def _keep_mask(where, shape, axes):
     return jnp.broadcast_to(where, shape)
 
 
-def _lse(x, keep):
-    """log-sum-exp over the last axis of the kept entries (plain autodiff)."""
-    xk = jnp.where(keep, x, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(xk, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    s = jnp.sum(jnp.where(keep, jnp.exp(xk - m), 0.0), axis=-1)
-    return jnp.log(s) + m[..., 0]
-
-
-def _xent_from_targets(x, t, keep, row_ok, z_loss):
-    """sum_c t_c (lse - x_c) + z lse^2 over the last axis; 0 where not row_ok."""
-    # Double-where: rows that do not count get harmless inputs so that no NaN
-    # can reach the gradient through the unselected branch.
-    x = jnp.where(row_ok[..., None], x, 0.0)
-    keep = jnp.where(row_ok[..., None], keep, True)
-    lse = _lse(x, keep)
-    nl = lse[..., None] - x
-    bad = (t == 0) & ~jnp.isfinite(nl)
-    nl = jnp.where(bad, 0.0, nl)
-    contrib = jnp.where(bad, 0.0, t * nl)
-    loss = jnp.sum(contrib, axis=-1) + z_loss * lse**2
-    return jnp.where(row_ok, loss, 0.0)
-
-
 def _compute_dtype(x):
     x = jnp.asarray(x)
     if x.dtype in (jnp.float16, jnp.bfloat16):
         return x.astype(jnp.float32)
     return x
+
+
+# --- exact label arithmetic ---------------------------------------------------
+
+
+def _as_labels(labels):
+    """Integer labels as a jax array of their own dtype (lists become arrays)."""
+    if isinstance(labels, jax.Array):
+        return labels
+    return jnp.asarray(np.asarray(labels))
+
+
+def _equals(labels, value):
+    """``labels == value`` exactly; False where the dtype cannot hold ``value``."""
+    if value is None:
+        return jnp.zeros(labels.shape, bool)
+    value = int(value)
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= value <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == jnp.asarray(value, labels.dtype)
+
+
+def _is_class(labels, num_classes):
+    """``0 <= labels < num_classes`` exactly, for any integer dtype."""
+    info = jnp.iinfo(labels.dtype)
+    ok = jnp.ones(labels.shape, bool)
+    if info.min < 0:
+        ok = ok & (labels >= jnp.asarray(0, labels.dtype))
+    if num_classes <= info.max:
+        ok = ok & (labels < jnp.asarray(num_classes, labels.dtype))
+    return ok
+
+
+def label_status(labels, num_classes, ignore_index=None):
+    """``(is_class, ignored, bad)`` masks of integer labels, compared exactly."""
+    labels = _as_labels(labels)
+    ignored = _equals(labels, ignore_index)
+    is_class = _is_class(labels, num_classes) & ~ignored
+    bad = ~is_class & ~ignored
+    return is_class, ignored, bad
+
+
+def _class_index(labels, is_class):
+    """The label as an int32 index (0 where it is not a class)."""
+    zero = jnp.zeros((), labels.dtype)
+    return jnp.where(is_class, labels, zero).astype(jnp.int32)
+
+
+# --- the shared formula ---------------------------------------------------------
+
+
+class Terms(NamedTuple):
+    """Per-example parts of a softmax loss (all with the batch shape).
+
+    ``ce`` is NaN on out-of-range labels and on scored rows with a NaN kept
+    logit; ``zl`` is the z-loss term (0 when ``z_loss == 0``); ``weight`` is
+    each example's share of the mean's cross-entropy denominator
+    (``class_weights[label]`` for weighted integer labels, else 1; 0 when not
+    scored); ``scored`` marks the examples in the z-loss denominator.
+    """
+
+    ce: jax.Array
+    zl: jax.Array
+    weight: jax.Array
+    scored: jax.Array
+
+    @property
+    def loss(self):
+        return self.ce + self.zl
+
+
+def _xent_terms(x, t, keep, row_ok, z_loss):
+    """``(ce, zl)`` over the last axis in shifted coordinates; 0 where not row_ok.
+
+    ``t`` must already be zero on classes that ``keep`` drops.
+    """
+    # Double-where: rows that do not count get harmless inputs so that no NaN
+    # can reach the gradient through the unselected branch.
+    ok = row_ok[..., None]
+    x = jnp.where(ok, x, 0.0)
+    keep = jnp.where(ok, keep, True)
+    t = jnp.where(ok, t, 0.0)
+    has_nan = jnp.any(keep & jnp.isnan(x), axis=-1)
+    xk = jnp.where(keep, x, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(xk, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    xs = xk - m  # shifted logits; -inf on dropped classes
+    s = jnp.sum(jnp.where(keep, jnp.exp(xs), 0.0), axis=-1, keepdims=True)
+    # No finite kept logit: lse = -inf, with no 0 * inf in the gradient.
+    has_mass = s > 0
+    lse_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1.0)), -jnp.inf)
+    # lse - x_c; +inf at a -inf logit also when every kept logit is -inf.
+    nl = jnp.where(jnp.isneginf(xs), jnp.inf, lse_s - xs)
+    skip = (t == 0) & ~jnp.isfinite(nl)
+    nl = jnp.where(skip, 0.0, nl)
+    ce = jnp.sum(jnp.where(skip, 0.0, t * nl), axis=-1)
+    ce = jnp.where(has_nan, jnp.nan, ce)
+    lse = (lse_s + m)[..., 0]
+    if isinstance(z_loss, int | float) and z_loss == 0:
+        zl = jnp.zeros_like(ce)
+    else:
+        zl = z_loss * lse**2
+    zero = jnp.zeros_like(ce)
+    return jnp.where(row_ok, ce, zero), jnp.where(row_ok, zl, zero)
+
+
+def integer_xent_terms(
+    logits,
+    labels,
+    axis=-1,
+    where=None,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+):
+    """:class:`Terms` of the integer-label cross-entropy (explicit one-hot)."""
+    logits = _compute_dtype(logits)
+    axes = _axes(axis, logits.ndim)
+    keep = _classes_last(_keep_mask(where, logits.shape, axes), axes)
+    x = _classes_last(logits, axes)
+    return _integer_terms(
+        x,
+        labels,
+        keep,
+        num_classes=x.shape[-1],
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    )
+
+
+def _integer_terms(
+    x,
+    labels,
+    keep,
+    *,
+    num_classes,
+    ignore_index,
+    label_smoothing,
+    class_weights,
+    z_loss,
+):
+    """:class:`Terms` for classes-last ``x``; labels must lie below num_classes."""
+    labels = _as_labels(labels)
+    n_columns = x.shape[-1]
+    is_class, _, bad = label_status(labels, num_classes, ignore_index)
+    idx = _class_index(labels, is_class)
+    onehot = (idx[..., None] == jnp.arange(n_columns)) & is_class[..., None]
+    onehot = onehot.astype(x.dtype)
+    c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
+    row_ok = jnp.any(keep, axis=-1) & is_class
+    w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
+    a = label_smoothing
+    t = w * ((1.0 - a) * onehot + a / jnp.maximum(c_row, 1.0)) * keep
+    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss)
+    ce = jnp.where(bad, jnp.nan, ce)
+    if class_weights is None:
+        weight = row_ok.astype(x.dtype)
+    else:
+        w_y = jnp.asarray(class_weights, x.dtype)[idx]
+        weight = jnp.where(row_ok, w_y, 0.0)
+    return Terms(ce, zl, weight, row_ok)
+
+
+def soft_xent_terms(
+    logits,
+    labels,
+    axis=-1,
+    where=None,
+    *,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+):
+    """:class:`Terms` of the soft-label cross-entropy."""
+    logits = _compute_dtype(logits)
+    labels = jnp.asarray(labels, logits.dtype)
+    axes = _axes(axis, logits.ndim)
+    keep = _classes_last(_keep_mask(where, logits.shape, axes), axes)
+    x = _classes_last(logits, axes)
+    y = _classes_last(labels, axes)
+    c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
+    row_ok = jnp.any(keep, axis=-1)
+    w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
+    a = label_smoothing
+    t = w * ((1.0 - a) * y + a / jnp.maximum(c_row, 1.0)) * keep
+    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss)
+    return Terms(ce, zl, row_ok.astype(x.dtype), row_ok)
 
 
 def soft_xent(
@@ -102,19 +309,15 @@ def soft_xent(
     z_loss=0.0,
 ):
     """Per-example soft-label cross-entropy (batch shape), unreduced."""
-    logits = _compute_dtype(logits)
-    labels = jnp.asarray(labels, logits.dtype)
-    axes = _axes(axis, logits.ndim)
-    keep = _keep_mask(where, logits.shape, axes)
-    x = _classes_last(logits, axes)
-    y = _classes_last(labels, axes)
-    keep = _classes_last(keep, axes)
-    c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
-    row_ok = jnp.any(keep, axis=-1)
-    w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
-    a = label_smoothing
-    t = w * ((1.0 - a) * y + a / jnp.maximum(c_row, 1.0)) * keep
-    return _xent_from_targets(x, t, keep, row_ok, z_loss)
+    return soft_xent_terms(
+        logits,
+        labels,
+        axis,
+        where,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    ).loss
 
 
 def integer_xent(
@@ -129,24 +332,16 @@ def integer_xent(
     z_loss=0.0,
 ):
     """Per-example integer-label cross-entropy, explicit one-hot, unreduced."""
-    logits = _compute_dtype(logits)
-    labels = jnp.asarray(labels)
-    axes = _axes(axis, logits.ndim)
-    keep = _keep_mask(where, logits.shape, axes)
-    x = _classes_last(logits, axes)
-    keep = _classes_last(keep, axes)
-    n_classes = x.shape[-1]
-    onehot = (labels[..., None] == jnp.arange(n_classes)).astype(x.dtype)
-    valid = jnp.ones(labels.shape, bool)
-    if ignore_index is not None:
-        valid = labels != ignore_index
-    c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
-    row_ok = jnp.any(keep, axis=-1) & valid
-    w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
-    a = label_smoothing
-    t = w * ((1.0 - a) * onehot + a / jnp.maximum(c_row, 1.0)) * keep
-    t = t * valid[..., None]
-    return _xent_from_targets(x, t, keep, row_ok, z_loss)
+    return integer_xent_terms(
+        logits,
+        labels,
+        axis,
+        where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    ).loss
 
 
 def integer_mean_denominator(
@@ -157,11 +352,21 @@ def integer_mean_denominator(
     ignore_index=None,
     class_weights=None,
 ):
-    """PyTorch's 'mean' denominator: sum of w[label] over counted examples."""
-    labels = jnp.asarray(labels)
-    valid = jnp.ones(labels.shape, bool)
-    if ignore_index is not None:
-        valid = labels != ignore_index
+    """PyTorch's 'mean' denominator: sum of w[label] over counted examples.
+
+    Counted: labels other than ``ignore_index`` (compared exactly), and, when
+    the number of classes is known (``logits_shape`` or ``class_weights``),
+    only class ids.
+    """
+    labels = _as_labels(labels)
+    valid = ~_equals(labels, ignore_index)
+    n = None
+    if logits_shape is not None:
+        n = int(np.prod([logits_shape[a] for a in _axes(axis, len(logits_shape))]))
+    elif class_weights is not None:
+        n = int(np.shape(class_weights)[0])
+    if n is not None:
+        valid = valid & _is_class(labels, n)
     if where is not None:
         where = jnp.asarray(where, bool)
         if where.ndim != labels.ndim:
@@ -172,8 +377,11 @@ def integer_mean_denominator(
         per = jnp.ones(labels.shape, jnp.float32)
     else:
         cw = jnp.asarray(class_weights)
-        per = cw[jnp.where(valid, labels, 0)]
+        per = cw[_class_index(labels, valid)]
     return jnp.sum(jnp.where(valid, per, 0.0))
+
+
+# --- reductions -------------------------------------------------------------------
 
 
 def reduce(loss, reduction, denominator=None, normalizer=None):
@@ -187,24 +395,154 @@ def reduce(loss, reduction, denominator=None, normalizer=None):
     den = loss.size if denominator is None else denominator
     if normalizer is not None:
         den = normalizer
+    return _safe_div(total, den)
+
+
+def _safe_div(total, den):
+    """``total / den``, and 0 with zero gradient where ``den == 0``."""
     den = jnp.asarray(den, total.dtype)
-    safe = jnp.where(den == 0, 1.0, den)
-    return jnp.where(den == 0, 0.0, total / safe)
+    zero = den == 0
+    return jnp.where(zero, jnp.zeros_like(total), total / jnp.where(zero, 1.0, den))
+
+
+def mean_of_terms(terms: Terms, normalizer=None):
+    """``sum(ce) / D_ce + sum(zl) / D_z`` (see the module docstring).
+
+    ``normalizer``: ``None``, a scalar (both denominators) or a pair
+    ``(ce_denominator, z_denominator)``. Every denominator is differentiated.
+    """
+    if normalizer is None:
+        den_ce, den_z = jnp.sum(terms.weight), jnp.sum(terms.scored)
+    elif isinstance(normalizer, tuple | list) and len(normalizer) == 2:
+        den_ce, den_z = normalizer
+    else:
+        den_ce = den_z = normalizer
+    return _safe_div(jnp.sum(terms.ce), den_ce) + _safe_div(jnp.sum(terms.zl), den_z)
+
+
+def reduce_terms(terms: Terms, reduction, normalizer=None):
+    """``"none"`` / ``"sum"`` / ``"mean"`` (new denominators) of :class:`Terms`."""
+    if reduction == "none":
+        return terms.loss
+    if reduction == "sum":
+        return jnp.sum(terms.loss)
+    assert reduction == "mean"
+    return mean_of_terms(terms, normalizer)
+
+
+# --- fused linear + cross-entropy -----------------------------------------------
+
+
+def linear_logits(x, w, bias=None, logit_softcap=None):
+    """``cap(x @ w + bias)`` in the compute dtype (16-bit promoted to float32)."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    dtype = _compute_dtype(jnp.zeros((), jnp.promote_types(x.dtype, w.dtype))).dtype
+    z = jnp.matmul(
+        x.astype(dtype), w.astype(dtype), precision=jax.lax.Precision.HIGHEST
+    )
+    if bias is not None:
+        z = z + jnp.asarray(bias, dtype)
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    return z
+
+
+def linear_xent_terms(
+    x,
+    w,
+    labels,
+    *,
+    bias=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    num_classes=None,
+):
+    """:class:`Terms` of the integer cross-entropy on ``cap(x @ w + bias)``.
+
+    Columns ``>= num_classes`` are padding: masked out of the softmax (and of
+    the smoothing), and labels there are out of range. The rows of ``x`` of
+    unscored examples are replaced by zeros before the matmul (double-where),
+    so that nothing non-finite there reaches any gradient.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    labels = _as_labels(labels)
+    v = w.shape[-1]
+    num_classes = v if num_classes is None else int(num_classes)
+    is_class, _, _ = label_status(labels, num_classes, ignore_index)
+    x = jnp.where(is_class[..., None], x, jnp.zeros((), x.dtype))
+    z = linear_logits(x, w, bias, logit_softcap)
+    keep = jnp.broadcast_to(jnp.arange(v) < num_classes, z.shape)
+    return _integer_terms(
+        z,
+        labels,
+        keep,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    )
+
+
+def linear_xent(
+    x,
+    w,
+    labels,
+    *,
+    bias=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    num_classes=None,
+):
+    """Per-example loss of the fused linear + cross-entropy (labels' shape)."""
+    return linear_xent_terms(
+        x,
+        w,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        num_classes=num_classes,
+    ).loss
+
+
+# --- sigmoid BCE --------------------------------------------------------------------
+
+
+def _times(coef, value):
+    """``coef * value`` with ``0 * inf = 0`` (and a zero gradient there)."""
+    skip = (coef == 0) & jnp.isinf(value)
+    return jnp.where(skip, 0.0, coef * jnp.where(skip, 0.0, value))
 
 
 def bce(logits, labels, *, pos_weight=None, label_smoothing=0.0, weights=None):
-    """Elementwise BCE via log_sigmoid: w [pw y (-logsig x) + (1-y)(-logsig -x)]."""
+    """Elementwise BCE: ``w [pw y softplus(-x) + (1-y) softplus(x)]``.
+
+    A term whose coefficient is 0 is dropped (exact limits at +-inf logits).
+    """
     logits = _compute_dtype(logits)
-    y = jnp.asarray(labels, logits.dtype)
+    y = jnp.asarray(labels).astype(logits.dtype)
     a = label_smoothing
     y = y * (1.0 - a) + a / 2.0
     pw = 1.0 if pos_weight is None else jnp.asarray(pos_weight, logits.dtype)
-    loss = -pw * y * jax.nn.log_sigmoid(logits) - (1.0 - y) * jax.nn.log_sigmoid(
-        -logits
+    loss = _times(pw * y, jax.nn.softplus(-logits)) + _times(
+        1.0 - y, jax.nn.softplus(logits)
     )
     if weights is not None:
         loss = loss * jnp.asarray(weights, logits.dtype)
     return loss
+
+
+# --- focal and optax-semantics helpers ------------------------------------------
 
 
 def softmax_focal(
@@ -217,31 +555,24 @@ def softmax_focal(
     where=None,
     ignore_index=None,
 ):
-    """-alpha_y (1 - p_y)^gamma log p_y per example, written naively."""
-    logits = _compute_dtype(logits)
-    labels = jnp.asarray(labels)
-    axes = _axes(axis, logits.ndim)
-    keep = _classes_last(_keep_mask(where, logits.shape, axes), axes)
-    x = _classes_last(logits, axes)
-    valid = jnp.ones(labels.shape, bool)
-    if ignore_index is not None:
-        valid = labels != ignore_index
-    row_ok = jnp.any(keep, axis=-1) & valid
-    x = jnp.where(row_ok[..., None], x, 0.0)
-    keep = jnp.where(row_ok[..., None], keep, True)
-    onehot = labels[..., None] == jnp.arange(x.shape[-1])
-    logp_y = jnp.sum(jnp.where(onehot, x, 0.0), axis=-1) - _lse(x, keep)
-    p_y = jnp.exp(logp_y)
-    loss = -((1.0 - p_y) ** gamma) * logp_y
+    """``-alpha_y (1 - p_y)^gamma log p_y`` per example (0 when unscored)."""
+    terms = integer_xent_terms(logits, labels, axis, where, ignore_index=ignore_index)
+    ce = terms.ce  # -log p_y; NaN for out-of-range labels
+    ok = terms.scored & jnp.isfinite(ce)
+    ce_safe = jnp.where(ok, ce, 1.0)
+    if gamma == 0:  # (1 - p)^0 = 1, also at p = 1 (no 0 * inf gradient)
+        loss = ce_safe
+    else:
+        loss = (1.0 - jnp.exp(-ce_safe)) ** gamma * ce_safe
+    loss = jnp.where(ok, loss, ce)
     if alpha is not None:
-        alpha = jnp.asarray(alpha, x.dtype)
+        alpha = jnp.asarray(alpha, ce.dtype)
         if alpha.ndim == 1:
-            alpha = alpha[jnp.where(row_ok, labels, 0)]
-        loss = alpha * loss
-    return jnp.where(row_ok, loss, 0.0)
-
-
-# --- optax-semantics helpers, written from their docstrings ----------------
+            labels = _as_labels(labels)
+            is_class, _, _ = label_status(labels, alpha.shape[0], ignore_index)
+            alpha = alpha[_class_index(labels, is_class)]
+        loss = jnp.where(terms.scored, alpha * loss, loss)
+    return loss
 
 
 def safe_soft_xent(logits, labels):
@@ -249,10 +580,29 @@ def safe_soft_xent(logits, labels):
     return -jnp.sum(jnp.where(labels != 0, labels * logp, 0.0), axis=-1)
 
 
-def poly_loss(logits, labels, epsilon=2.0):
-    p = jax.nn.softmax(logits, axis=-1)
-    ce = -jnp.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-    return ce + epsilon * jnp.sum(labels * (1.0 - p), axis=-1)
+def poly_loss(logits, labels, epsilon=2.0, *, axis=-1, where=None):
+    """Poly-1: ``CE + epsilon * sum_c y_c (1 - p_c)`` over the kept classes.
+
+    A per-example ``where`` (the batch shape) masks whole examples, as in optax.
+    """
+    if axis == -1 and where is None:
+        p = jax.nn.softmax(logits, axis=-1)
+        ce = -jnp.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        return ce + epsilon * jnp.sum(labels * (1.0 - p), axis=-1)
+    logits = _compute_dtype(logits)
+    labels = jnp.asarray(labels, logits.dtype)
+    axes = _axes(axis, logits.ndim)
+    keep = _classes_last(_keep_mask(where, logits.shape, axes), axes)
+    x = _classes_last(logits, axes)
+    y = _classes_last(labels, axes)
+    ce = soft_xent(x, y, where=keep)
+    xk = jnp.where(keep, x, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(xk, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(keep, jnp.exp(xk - m), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(total > 0, total, 1.0)
+    return ce + epsilon * jnp.sum(jnp.where(keep, y * (1.0 - p), 0.0), axis=-1)
 
 
 def sigmoid_focal(logits, labels, alpha=None, gamma=2.0):

@@ -249,9 +249,9 @@ def test_out_of_range_checkify_survives_remat():
 def test_out_of_range_checkify_without_private_rules(monkeypatch):
     # Where jax's private checkify rule table is missing, the public
     # checkify.debug_check takes over: the same error, with an effect.
-    from xent_jax import _checks
+    from xent_jax import _compat
 
-    monkeypatch.setattr(_checks, "_CHECKIFY_RULES", False)
+    monkeypatch.setattr(_compat, "CHECKIFY_RULES", False)
     step = jax.jit(lambda v, lab: INT(v, lab))
     x, y = logits((N, C)), int_labels((N,), C)
     assert jax.make_jaxpr(step)(x, y).effects != set()

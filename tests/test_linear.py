@@ -21,7 +21,8 @@ import optax
 import pytest
 from jax.experimental import checkify
 
-from xent_jax._linear import _is_transposed, linear_cross_entropy
+from xent_jax import linear_cross_entropy
+from xent_jax._compat import is_transpose_output as _is_transposed
 
 N, D = 13, 8
 V = 200  # divisible by 8: the vocabulary is processed as 8 groups of 25
@@ -566,7 +567,7 @@ def test_sharded_vocabulary_is_not_gathered():
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from xent_jax._linear import linear_cross_entropy as lce
+        from xent_jax import linear_cross_entropy as lce
         mesh = jax.make_mesh((4,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)

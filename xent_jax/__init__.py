@@ -14,12 +14,12 @@ from xent_jax._extras import safe_softmax_cross_entropy as safe_softmax_cross_en
 from xent_jax._extras import sigmoid_focal_loss as sigmoid_focal_loss
 from xent_jax._extras import smooth_labels as smooth_labels
 from xent_jax._extras import softmax_focal_loss as softmax_focal_loss
-from xent_jax._linear import linear_cross_entropy as linear_cross_entropy
-from xent_jax._sigmoid import (
+from xent_jax._linear.api import linear_cross_entropy as linear_cross_entropy
+from xent_jax._sigmoid.api import (
     sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
 )
-from xent_jax._softmax import softmax_cross_entropy as softmax_cross_entropy
-from xent_jax._softmax import (
+from xent_jax._softmax.api import softmax_cross_entropy as softmax_cross_entropy
+from xent_jax._softmax.api import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 

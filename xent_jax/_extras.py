@@ -1,8 +1,8 @@
-"""optax's other classification losses, and a softmax focal loss.
+r"""optax's other classification losses, and a softmax focal loss.
 
-These are written with plain ``jax.numpy`` on top of the kernels of
-``_softmax`` and ``_sigmoid``, so that their gradients come from those
-kernels' closed forms where they contain them, and from autodiff elsewhere.
+These are small compositions of the core losses (whose closed-form gradients
+they inherit) and plain ``jax.numpy`` (differentiated by autodiff), with
+optax's signatures and values.
 """
 
 from __future__ import annotations
@@ -12,32 +12,52 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks
+from xent_jax import _checks, _numerics, _options
+from xent_jax._classes import ClassAxis
 from xent_jax._reduction import Reduction
-from xent_jax._sigmoid import sigmoid_binary_cross_entropy
-from xent_jax._softmax import (
-    _softmax_loss,
-    compute_dtype,
-    label_values,
-    softmax_cross_entropy,
-)
+from xent_jax._sigmoid.api import sigmoid_binary_cross_entropy
+from xent_jax._softmax.api import softmax_cross_entropy, softmax_loss
 
 ArrayLike = jax.typing.ArrayLike
 
 
-def _expand_where(where, ndim, axis):
-    """optax accepts a per-example ``where`` and expands it over ``axis``."""
-    if where is None or jnp.ndim(where) == ndim:
+def _class_mask(where, logits, axis):
+    """``where`` as a mask of the logits' shape (optax also takes one per
+    example, expanded over ``axis``); the error names the shape passed."""
+    if where is None:
+        return None
+    where = _checks.as_array(where, "where")
+    _checks.check_bool(where, "where")
+    axes = _checks.canonical_axes(axis, logits.ndim)
+    batch = tuple(s for a, s in enumerate(logits.shape) if a not in axes)
+    if where.shape == logits.shape:
         return where
-    return jnp.expand_dims(where, axis)
+    if where.shape == batch:
+        return jnp.broadcast_to(jnp.expand_dims(where, axes), logits.shape)
+    raise ValueError(
+        f"where must have the logits' shape {logits.shape} (per class) or {batch} "
+        f"(per example); got {where.shape}."
+    )
 
 
 def safe_softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
-    r"""optax's ``safe_softmax_cross_entropy``: ``0 * log 0 = 0`` at ``-inf`` logits.
+    r"""optax's ``safe_softmax_cross_entropy``: ``0 log 0 = 0`` at ``-inf`` logits.
+
+    .. math::
+        \ell = -\sum_c y_c \log\mathrm{softmax}(x)_c,
+        \qquad y_c \log\mathrm{softmax}(x)_c := 0 \text{ where } y_c = 0.
 
     :func:`softmax_cross_entropy` already treats a ``-inf`` logit with zero
-    target as contributing 0, so this is that loss over the last axis, kept for
-    optax compatibility. Returns per-example losses ``[...]``.
+    target as contributing 0, so this is that loss over the last axis, kept
+    for optax compatibility.
+
+    Args:
+      logits: Unnormalized log-probabilities ``[..., C]``, any floating dtype;
+        ``-inf`` entries mask classes.
+      labels: Target probabilities ``[..., C]``.
+
+    Returns:
+      Per-example losses ``[...]`` (float32 for 16-bit logits).
 
     Example:
       >>> import jax.numpy as jnp
@@ -56,13 +76,33 @@ def poly_loss_cross_entropy(
     labels: ArrayLike,
     *,
     epsilon: ArrayLike = 2.0,
-    axis: int | tuple[int, ...] = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    r"""Poly-1 loss (Leng et al., 2022): :math:`CE + \epsilon \sum_c y_c (1 - p_c)`.
+    r"""Poly-1 loss: cross-entropy plus a first-order polynomial term.
 
-    Same signature and values as ``optax.losses.poly_loss_cross_entropy``; the
-    cross-entropy part uses the closed-form kernel.
+    .. math::
+        \ell = -\sum_c y_c \log p_c + \epsilon \sum_c y_c (1 - p_c),
+        \qquad p = \mathrm{softmax}(x),
+
+    optax's ``poly_loss_cross_entropy``; the cross-entropy part uses the
+    closed-form kernel.
+
+    Args:
+      logits: Unnormalized log-probabilities ``[..., C]``.
+      labels: Target probabilities with the logits' shape.
+      epsilon: Coefficient of the polynomial term (2 for ImageNet, -1 for
+        detection in the paper).
+      axis: Class axis or axes (``None``: all).
+      where: Optional boolean mask of the logits' shape (classes to include)
+        or of the batch shape (examples to include).
+
+    Returns:
+      Per-example losses ``[...]``.
+
+    References:
+      Leng et al., `PolyLoss: A Polynomial Expansion Perspective of
+      Classification Loss Functions <https://arxiv.org/abs/2204.12511>`_, 2022.
 
     Example:
       >>> import jax.numpy as jnp
@@ -72,14 +112,14 @@ def poly_loss_cross_entropy(
       ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.0, 1.0, 0.0]])))
       [1.2073]
     """
+    logits = _checks.as_array(logits, "logits")
+    labels = _checks.as_array(labels, "labels")
     _checks.check_floating(labels, "labels")
-    logits = jnp.asarray(logits)
-    where = _expand_where(where, logits.ndim, axis)
-    p = jax.nn.softmax(
-        logits.astype(compute_dtype(logits.dtype)), axis=axis, where=where
-    )
-    one_minus_pt = jnp.sum(labels * (1 - p), axis=axis, where=where)
-    ce = softmax_cross_entropy(logits, labels, axis=axis, where=where)
+    mask = _class_mask(where, logits, axis)
+    ce = softmax_cross_entropy(logits, labels, axis=axis, where=mask)
+    x = logits.astype(_numerics.compute_dtype(logits.dtype))
+    p = jax.nn.softmax(x, axis=axis, where=mask)
+    one_minus_pt = jnp.sum(labels * (1 - p), axis=axis, where=mask)
     return ce + epsilon * one_minus_pt
 
 
@@ -90,11 +130,29 @@ def sigmoid_focal_loss(
     alpha: ArrayLike | None = None,
     gamma: ArrayLike = 2.0,
 ) -> jax.Array:
-    r"""Sigmoid focal loss (Lin et al., 2017), as ``optax.losses.sigmoid_focal_loss``.
+    r"""Sigmoid focal loss, elementwise, as ``optax.losses.sigmoid_focal_loss``.
 
-    :math:`\ell = \alpha_t (1 - p_t)^\gamma \mathrm{BCE}(x, y)` with
-    :math:`\log(1 - p_t)` computed from log-sigmoids, so extreme logits keep
-    finite gradients. ``alpha=None`` applies no class balancing.
+    .. math::
+        \ell = \alpha_t (1 - p_t)^\gamma\, \mathrm{BCE}(x, y),
+        \qquad p_t = y\,\sigma(x) + (1 - y)(1 - \sigma(x)),
+
+    with :math:`\alpha_t = \alpha y + (1 - \alpha)(1 - y)`. :math:`\log(1 -
+    p_t)` is computed from log-sigmoids, so extreme logits keep finite
+    gradients.
+
+    Args:
+      logits: Logits ``[...]``, any floating dtype.
+      labels: Targets in ``[0, 1]`` with the logits' shape.
+      alpha: ``None`` (no class balancing) or the weight of the positives in
+        ``[0, 1]`` (a scalar or an array broadcastable to the logits).
+      gamma: Focusing parameter ``>= 0`` (0 gives the BCE).
+
+    Returns:
+      Losses with the logits' shape.
+
+    References:
+      Lin et al., `Focal Loss for Dense Object Detection
+      <https://arxiv.org/abs/1708.02002>`_, 2017.
 
     Example:
       >>> import jax.numpy as jnp
@@ -104,9 +162,9 @@ def sigmoid_focal_loss(
       ...     jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])))
       [0.1733 1.6501]
     """
+    logits = _checks.as_array(logits, "logits")
     _checks.check_floating(logits, "logits")
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels).astype(logits.dtype)
+    labels = _checks.as_array(labels, "labels").astype(logits.dtype)
     ce = sigmoid_binary_cross_entropy(logits, labels)
     xf = logits.astype(ce.dtype)
     y = labels.astype(ce.dtype)
@@ -116,18 +174,32 @@ def sigmoid_focal_loss(
     loss = ce * jnp.exp(gamma * log_one_minus_pt)
     if alpha is None:
         return loss
+    alpha = _checks.as_array(alpha, "alpha")
     return (alpha * y + (1 - alpha) * (1 - y)) * loss
 
 
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    r"""KL divergence :math:`\sum_c t_c (\log t_c - \log q_c)`, ``0 log 0 = 0``.
+    r"""Kullback-Leibler divergence of predictions from targets.
 
-    Same signature and values as ``optax.losses.kl_divergence``.
+    .. math::
+        \mathrm{KL}(t \,\|\, q) = \sum_c t_c (\log t_c - \log q_c),
+        \qquad 0 \log 0 = 0,
+
+    optax's ``kl_divergence``.
+
+    Args:
+      log_predictions: Log-probabilities ``log q`` ``[..., C]``.
+      targets: Probabilities ``t`` with the same shape.
+      axis: Class axis or axes (``None``: all).
+      where: Optional boolean mask of the elements to include.
+
+    Returns:
+      Per-example divergences ``[...]``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -140,19 +212,33 @@ def kl_divergence(
     """
     _checks.check_floating(log_predictions, "log_predictions")
     _checks.check_floating(targets, "targets")
-    targets = jnp.asarray(targets)
-    safe = jnp.where(targets == 0, 1, targets)
-    loss = jnp.where(targets == 0, 0, targets * (jnp.log(safe) - log_predictions))
+    targets = _checks.as_array(targets, "targets")
+    log_t = jnp.log(jnp.where(targets == 0, 1, targets))
+    loss = _numerics.weighted(targets, log_t - log_predictions)
     return jnp.sum(loss, axis=axis, where=where)
 
 
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    r"""KL divergence with targets given as log-probabilities, as in optax.
+    r"""Kullback-Leibler divergence with targets given as log-probabilities.
+
+    .. math::
+        \mathrm{KL}(t \,\|\, q) = \sum_c e^{\log t_c} (\log t_c - \log q_c),
+
+    optax's ``kl_divergence_with_log_targets``.
+
+    Args:
+      log_predictions: Log-probabilities ``log q`` ``[..., C]``.
+      log_targets: Log-probabilities ``log t`` with the same shape.
+      axis: Class axis or axes (``None``: all).
+      where: Optional boolean mask of the elements to include.
+
+    Returns:
+      Per-example divergences ``[...]``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -173,13 +259,26 @@ def smooth_labels(
     labels: ArrayLike,
     alpha: ArrayLike,
     *,
-    axis: int | tuple[int, ...] = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    r"""``(1 - alpha) * labels + alpha / K`` over the ``K`` classes ``where`` keeps.
+    r"""Label smoothing towards the uniform distribution over ``K`` classes.
 
-    Same as ``optax.losses.smooth_labels``. The losses' ``label_smoothing=``
-    keyword applies the same formula without materialising the one-hot targets.
+    .. math::
+        y' = (1 - \alpha)\, y + \alpha / K,
+
+    with ``K`` the number of classes ``where`` keeps; optax's
+    ``smooth_labels``. The losses' ``label_smoothing=`` keyword applies the
+    same formula without materialising the targets.
+
+    Args:
+      labels: Target probabilities (one-hot or soft) ``[..., K]``.
+      alpha: Smoothing in ``[0, 1]``.
+      axis: Class axis or axes.
+      where: Optional boolean mask of the classes to count in ``K``.
+
+    Returns:
+      The smoothed targets, with ``labels``' shape.
 
     Example:
       >>> import jax.numpy as jnp
@@ -189,7 +288,7 @@ def smooth_labels(
       [0.1 0.9]
     """
     _checks.check_floating(labels, "labels")
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array(labels, "labels")
     if where is None:
         num_categories = jnp.size(labels, axis)
     else:
@@ -203,7 +302,7 @@ def softmax_focal_loss(
     *,
     gamma: float = 2.0,
     alpha: ArrayLike | None = None,
-    axis: int | tuple[int, ...] = -1,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: Reduction = "none",
@@ -226,12 +325,13 @@ def softmax_focal_loss(
       logits: ``[..., C]`` logits.
       labels: Integer class ids, the logits' shape minus the class axis.
       gamma: Focusing parameter ``>= 0``.
-      alpha: ``None``, a scalar, or ``[C]`` per-class balancing weights.
+      alpha: ``None``, a scalar, or ``[C]`` per-class balancing weights (they
+        get their true gradient).
       axis: Class axis (or tuple), as in the cross-entropy.
       where: Mask, as in :func:`softmax_cross_entropy_with_integer_labels`.
       ignore_index: Label value whose examples get loss 0 and no gradient.
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over scored examples).
-      normalizer: Replaces the denominator of ``"mean"``.
+      normalizer: A scalar replacing the denominator of ``"mean"``.
       axis_name: Inside ``jax.shard_map``, the axes over which the classes are
         split, as in :func:`softmax_cross_entropy_with_integer_labels`; a
         per-class ``alpha`` is then this device's slice.
@@ -239,7 +339,12 @@ def softmax_focal_loss(
         ``"sum"`` and ``"mean"`` are global.
 
     Returns:
-      Per-example losses (a scalar for ``"sum"``/``"mean"``).
+      Per-example losses with the labels' shape (a scalar for
+      ``"sum"``/``"mean"``).
+
+    References:
+      Lin et al., `Focal Loss for Dense Object Detection
+      <https://arxiv.org/abs/1708.02002>`_, 2017.
 
     Example:
       >>> import jax.numpy as jnp
@@ -249,38 +354,36 @@ def softmax_focal_loss(
       ...     jnp.array([[1.0, 2.0, 0.5]]), jnp.array([1])))
       [0.0641]
     """
-    gamma = _checks.check_static_float(gamma, "gamma", 0.0, float("inf"))
+    gamma = _options.static_float(gamma, "gamma", 0.0)
+    alpha = _checks.optional_array(alpha, "alpha")
+    if alpha is not None:
+        _checks.check_floating(alpha, "alpha")
+        if alpha.ndim > 1:
+            raise ValueError(f"alpha must be a scalar or [C]; got shape {alpha.shape}.")
 
-    def focal(ce, labels, num_local, axis_name):
+    def focal(ce, inputs):
         # ce = -log p_y >= 0; 1 - p_y = -expm1(-ce) without forming p_y.
         tiny = jnp.finfo(ce.dtype).tiny
         one_minus_p = jnp.maximum(-jnp.expm1(-ce), tiny)
         loss = jnp.exp(gamma * jnp.log(one_minus_p)) * ce
-        if alpha is not None:
-            a = jnp.asarray(alpha, ce.dtype)
-            if a.ndim == 1:
-                _checks.check_shape(a, (num_local,), "alpha", " (one weight per class)")
-                a = label_values(a, labels, axis_name)
-            elif a.ndim != 0:
-                raise ValueError(f"alpha must be a scalar or [C]; got shape {a.shape}.")
-            loss = loss * a
-        return loss
+        if alpha is None:
+            return loss
+        a = alpha.astype(ce.dtype)
+        if a.ndim == 1:
+            num_local = inputs.x.shape[-1]
+            _checks.check_shape(a, (num_local,), "alpha", " (one weight per class)")
+            a = ClassAxis(_options.axis_names(axis_name)).take(a, inputs.labels.ids)
+        return loss * a
 
-    if alpha is not None:
-        _checks.check_floating(alpha, "alpha")
-    return _softmax_loss(
+    return softmax_loss(
         logits,
         labels,
         axis,
         where,
         integer=True,
         ignore_index=ignore_index,
-        label_smoothing=0.0,
-        class_weights=None,
-        z_loss=0.0,
         reduction=reduction,
         normalizer=normalizer,
-        implementation=None,
         axis_name=axis_name,
         reduction_axis_name=reduction_axis_name,
         per_example=focal,

@@ -1,16 +1,30 @@
-"""The ``reduction``, ``normalizer`` and ``reduction_axis_name`` keywords."""
+"""The ``reduction``, ``normalizer`` and ``reduction_axis_name`` keywords.
+
+A loss is a sum of *parts*, each a per-example array with its own mean
+denominator: the cross-entropy (divided by the sum of the scored examples'
+class weights, PyTorch's weighted mean) and the z-loss (divided by the number
+of scored examples, so that its strength does not depend on class weights).
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _checks, _sharding
+from xent_jax import _compat, _options, _segments, _sharding
 
 Reduction = Literal["none", "sum", "mean"]
+
+
+class Part(NamedTuple):
+    """Per-example values and the denominator of their ``"mean"``."""
+
+    values: jax.Array
+    denominator: Any
 
 
 def global_sum(x: jax.Array, axis_name: Any) -> jax.Array:
@@ -25,6 +39,8 @@ def global_sum(x: jax.Array, axis_name: Any) -> jax.Array:
     ``psum`` transposes to a ``psum`` when ``check_vma=False``, which would
     scale every gradient by the number of devices.
     """
+    if axis_name is None:
+        return x
     return _global_sum(x, axis_name, _sharding.varying_axes(x, axis_name))
 
 
@@ -39,59 +55,120 @@ def _global_sum_fwd(x, axis_name, varying):
 
 def _global_sum_bwd(axis_name, varying, _, g):
     # The cotangent must have the primal's type: varying where x varied.
-    return (_sharding.to_varying(g, varying),)
+    return (_compat.to_varying(g, varying),)
 
 
 _global_sum.defvjp(_global_sum_fwd, _global_sum_bwd)
 
 
+def _safe_divide(total, den):
+    """``total / den``, and 0 with zero gradient where ``den`` is 0."""
+    den = jnp.asarray(den).astype(total.dtype)
+    zero = den == 0
+    return jnp.where(zero, 0, total / jnp.where(zero, 1, den))
+
+
 def reduce_loss(
-    losses: jax.Array,
+    parts: Sequence[Part],
     reduction: str,
-    denominator: Any,
-    normalizer: Any = None,
+    normalizer: tuple[jax.Array, ...] | None = None,
     reduction_axis_name: Any = None,
 ) -> jax.Array:
-    """Applies ``reduction`` to per-example ``losses``.
+    """Applies ``reduction`` to a loss made of ``parts``.
 
-    ``"mean"`` divides the sum by ``normalizer`` when given, else by
-    ``denominator`` (the loss's own count or weight sum, see each loss). A zero
-    denominator gives 0 with zero gradient rather than NaN, so a batch whose
-    examples are all ignored contributes nothing.
+    ``"none"`` returns the per-example sum of the parts, ``"sum"`` the total.
+    ``"mean"`` divides each part's total by its denominator (or by the
+    matching entry of ``normalizer``) and adds them; a zero denominator gives
+    0 with zero gradient rather than NaN, so a batch whose examples are all
+    ignored contributes nothing. Denominators are differentiated like any
+    value (class weights reach the mean through them).
 
     Args:
-      losses: Per-example (or per-element) losses.
+      parts: The loss's parts (see :class:`Part`).
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      denominator: The local denominator of ``"mean"`` (ignored otherwise).
-      normalizer: Replaces the (global) denominator of ``"mean"``.
+      normalizer: One denominator per part, replacing theirs (already
+        validated, see ``_options.normalizer``); only for ``"mean"``.
       reduction_axis_name: Inside ``shard_map``, the mesh axes over which the
         examples are split (data parallelism). ``"sum"`` and ``"mean"`` then
-        return the global sum / mean, the same value on every device: the sum
-        and the denominator are ``psum``-ed over these axes. The gradient that
-        reaches each device's losses is its share of the global one (see
+        return the global sum / mean, the same value on every device: totals
+        and denominators are summed over these axes, and the gradient that
+        reaches each device is its share of the global one (see
         :func:`global_sum`). Ignored for ``"none"``.
 
     Returns:
-      ``losses`` for ``"none"``, else a scalar.
+      Per-example losses for ``"none"``, else a scalar.
     """
-    _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     if normalizer is not None and reduction != "mean":
         raise ValueError(
             f'normalizer only applies to reduction="mean"; got reduction={reduction!r}.'
         )
     if reduction == "none":
-        return losses
-    total = jnp.sum(losses)
-    if reduction_axis_name is not None:
-        total = global_sum(total, reduction_axis_name)
+        return functools.reduce(jnp.add, (p.values for p in parts))
+    totals = [global_sum(jnp.sum(p.values), reduction_axis_name) for p in parts]
     if reduction == "sum":
-        return total
-    if normalizer is not None:
-        den = normalizer
+        return functools.reduce(jnp.add, totals)
+    if normalizer is None:
+        dens = [
+            global_sum(jnp.asarray(p.denominator).astype(t.dtype), reduction_axis_name)
+            for p, t in zip(parts, totals, strict=True)
+        ]
     else:
-        den = denominator
-        if reduction_axis_name is not None:
-            den = jax.lax.psum(jax.lax.stop_gradient(den), reduction_axis_name)
-    den = jax.lax.stop_gradient(jnp.asarray(den, total.dtype))
-    safe = jnp.where(den == 0, jnp.ones_like(den), den)
-    return jnp.where(den == 0, jnp.zeros_like(total), total / safe)
+        dens = normalizer
+    means = [_safe_divide(t, d) for t, d in zip(totals, dens, strict=True)]
+    return functools.reduce(jnp.add, means)
+
+
+def reduce_softmax(
+    ce: jax.Array,
+    lse: jax.Array,
+    scored: jax.Array,
+    label_weight: jax.Array | None,
+    opts: Any,
+    normalizer: Any = None,
+    segments: Any = None,
+) -> jax.Array:
+    """A softmax loss from its per-example cross-entropy and log-sum-exp.
+
+    The z-loss ``z_loss * lse**2`` is added on scored examples. ``"mean"``
+    divides the cross-entropy by the sum of the scored examples'
+    ``label_weight`` (their class weight; their count when ``None``) and the
+    z-loss by their count. ``"mean_per_segment"`` does that within each
+    segment (``_segments``) and averages over the segments with a scored
+    example. ``normalizer`` (validated here) replaces the denominators: a
+    scalar, or for ``"mean"`` with a z-loss a pair (cross-entropy, z-loss);
+    for ``"mean_per_segment"`` a scalar, the number of segments.
+    """
+    z = None
+    if opts.z_loss:
+        z = jnp.where(scored, opts.z_loss * jnp.square(lse), 0).astype(ce.dtype)
+    if opts.reduction == "mean_per_segment":
+        w_ce, w_z, num_segments = _segments.mean_weights(scored, label_weight, segments)
+        values = ce * w_ce if z is None else ce * w_ce + z * w_z
+        parts = [Part(values, num_segments)]
+        return reduce_loss(
+            parts,
+            "mean",
+            _options.normalizer(normalizer, 1),
+            opts.reduction_axis_name,
+        )
+    count = jnp.sum(scored)
+    ce_denominator = count
+    if label_weight is not None:
+        ce_denominator = jnp.sum(jnp.where(scored, label_weight, 0))
+    parts = [Part(ce, ce_denominator)]
+    if z is not None:
+        parts.append(Part(z, count))
+    if (
+        normalizer is not None
+        and not isinstance(normalizer, (tuple, list))
+        and len(parts) == 2
+        and label_weight is not None
+    ):
+        raise ValueError(
+            "normalizer is ambiguous with class_weights and z_loss: the "
+            "cross-entropy's mean divides by the sum of the scored examples' class "
+            "weights, the z-loss's by their number. Pass normalizer=(weight_sum, "
+            "count), the global values of both."
+        )
+    normalizers = _options.normalizer(normalizer, len(parts))
+    return reduce_loss(parts, opts.reduction, normalizers, opts.reduction_axis_name)

@@ -15,18 +15,12 @@ from typing import Any
 
 import jax
 
+from xent_jax import _compat
+
 
 def axes_tuple(axis_name: Any) -> tuple[Any, ...]:
     """``axis_name`` (one name or a tuple of them) as a tuple."""
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-
-def _vma(x: Any) -> frozenset:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))  # jax 0.7 - 0.8
 
 
 def varying_axes(x: Any, axis_name: Any) -> tuple[Any, ...]:
@@ -35,23 +29,13 @@ def varying_axes(x: Any, axis_name: Any) -> tuple[Any, ...]:
     Without ``check_vma`` (or outside ``shard_map``) JAX tracks no such type,
     and this is empty.
     """
-    vma = _vma(x)
+    vma = _compat.varying_manual_axes(x)
     return tuple(a for a in axes_tuple(axis_name) if a in vma)
-
-
-def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
-    """Marks an invariant value as varying over ``axes`` (no data moves)."""
-    if not axes:
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, axes, to="varying")
-    return jax.lax.pvary(x, axes)  # jax < 0.9
 
 
 def explicit_spec(x: Any):
     """``x``'s PartitionSpec when its type carries one (Explicit axes), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
+    spec = getattr(_compat.type_sharding(x), "spec", None)
     if spec is None or all(s is None for s in spec):
         return None
     return spec
@@ -79,7 +63,7 @@ def reshard_to(x: jax.Array, spec: Any, mesh: Any) -> jax.Array:
     want = tuple(spec) + (None,) * (ndim - len(spec))
     if have == want:
         return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    return _compat.reshard(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def class_axis_in_type(x: Any) -> bool:
@@ -96,16 +80,14 @@ def like(ct: jax.Array, primal: Any) -> jax.Array:
     """``ct`` with the sharding in ``primal``'s type (a custom_vjp must return
     cotangents typed like its inputs; under Explicit axes the cotangent of a
     replicated label array computed from sharded logits is sharded)."""
-    reshard = getattr(jax.sharding, "reshard", None)
-    want = getattr(jax.typeof(primal), "sharding", None)
-    have = getattr(jax.typeof(ct), "sharding", None)
-    if reshard is None or want is None or have is None:
+    want, have = _compat.type_sharding(primal), _compat.type_sharding(ct)
+    if _compat.reshard is None or want is None or have is None:
         return ct
     if explicit_spec(primal) is None and explicit_spec(ct) is None:
         return ct
     if tuple(want.spec) == tuple(have.spec):
         return ct
-    return reshard(ct, want)
+    return _compat.reshard(ct, want)
 
 
 def match_varying(ct: jax.Array, primal: Any) -> jax.Array:
@@ -140,17 +122,19 @@ def check_reduction_axes(axis_name: Any, reduction_axis_name: Any) -> None:
 
 
 def varying_like(tree: Any, *refs: Any) -> Any:
-    """``tree``'s arrays, marked varying over every axis any of ``refs`` varies
-    over (no data moves; a no-op without ``check_vma``)."""
-    axes = frozenset().union(*(_vma(r) for r in refs if r is not None))
+    """``tree``'s arrays, marked varying over every axis any array in ``refs``
+    (pytrees, ``None`` allowed) varies over (no data moves; a no-op without
+    ``check_vma``)."""
+    vma = _compat.varying_manual_axes
+    axes = frozenset().union(*(vma(r) for r in jax.tree.leaves(refs)))
 
     def cast(a):
-        missing = tuple(x for x in axes if x not in _vma(a))
-        return to_varying(a, missing)
+        return _compat.to_varying(a, tuple(x for x in axes if x not in vma(a)))
 
     return jax.tree.map(cast, tree)
 
 
 def extra_varying(ct: Any, primal: Any) -> tuple[Any, ...]:
     """The axes ``ct`` varies over and ``primal`` does not."""
-    return tuple(a for a in _vma(ct) if a not in _vma(primal))
+    vma = _compat.varying_manual_axes
+    return tuple(a for a in vma(ct) if a not in vma(primal))

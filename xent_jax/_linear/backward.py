@@ -1,0 +1,273 @@
+r"""The blockwise kernel's backward pass.
+
+Each block's logits are recomputed from ``x`` and ``w`` and turned into their
+gradient (``blocks.logits_gradient``) with the per-example coefficients
+
+.. math::
+    \frac{\partial\ell}{\partial z} = \mathrm{coef}\;p
+        - g_\mathrm{ce}(1-a)\,w_y\,\mathrm{onehot}(y) - g_\mathrm{ce}\,\tfrac{a}{V}\,u,
+    \qquad \mathrm{coef} = g_\mathrm{ce} \textstyle\sum_c t_c + g_\mathrm{lse},
+
+whose products with ``x`` and ``w`` are accumulated into ``dx``, ``dw`` and
+``db`` one block at a time (``blocks.accumulate``). Gradient filtering
+(Cut-Cross-Entropy) skips a block whose probabilities are all below the
+threshold; the sparse label term is then applied exactly after the loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _numerics, _sharding, _stats
+from xent_jax._classes import ClassAxis
+from xent_jax._linear import blocks
+from xent_jax._linear import forward as fwd
+from xent_jax._linear import layout as lay
+
+
+class Saved(NamedTuple):
+    """The forward pass's residuals: its inputs and three scalars per example."""
+
+    x: jax.Array
+    w: jax.Array
+    bias: jax.Array | None
+    labels: object  # _labels.Labels
+    class_weights: jax.Array | None
+    shift: jax.Array
+    log_se: jax.Array
+    label_logit: jax.Array
+    entropy: jax.Array | None  # with return_aux
+
+
+class Needs(NamedTuple):
+    """Which gradients are asked for (``custom_vjp``'s ``symbolic_zeros``)."""
+
+    x: bool
+    w: bool
+    bias: bool
+    class_weights: bool
+
+
+class Coefficients(NamedTuple):
+    """Per-example coefficients of ``d loss / d z`` (see the module docstring)."""
+
+    softmax: jax.Array  # coef
+    onehot: jax.Array  # g_ce (1 - a) w_y
+    smoothing: jax.Array | None  # g_ce a / V
+    label: jax.Array  # g_ce on scored examples, 0 elsewhere
+    entropy: jax.Array | None  # g_H on scored examples, 0 elsewhere
+
+
+def _is_zero(g) -> bool:
+    return g is None or isinstance(g, jax.custom_derivatives.SymbolicZero)
+
+
+def _materialised(g, like):
+    """A cotangent, with JAX's symbolic zero made an actual zero."""
+    if _is_zero(g):
+        return jnp.zeros(like.shape, like.dtype)
+    return g.astype(like.dtype)
+
+
+def coefficients(saved: Saved, cotangents, opts, layout, cdt) -> Coefficients:
+    g_ce, g_lse = (_materialised(g, saved.log_se) for g in cotangents[:2])
+    a = opts.label_smoothing
+    w_y = fwd.label_weights(saved.labels, saved.class_weights, opts, cdt)
+    sum_t = (1 - a) * w_y
+    if a:
+        u = fwd.smoothing_weights(saved.w, saved.class_weights, opts, layout, cdt)
+        u_total = ClassAxis(opts.axis_name).sum(jnp.sum(u))
+        sum_t = sum_t + a / opts.num_classes * u_total
+    scored = saved.labels.scored
+    coef, label = _stats.logit_coefficients(g_ce, g_lse, sum_t, scored)
+    smoothing = label * (a / opts.num_classes) if a else None
+    g_h = None
+    if saved.entropy is not None and not _is_zero(cotangents.entropy):
+        g_h = jnp.where(scored, cotangents.entropy.astype(saved.log_se.dtype), 0)
+    return Coefficients(coef, label * (1 - a) * w_y, smoothing, label, g_h)
+
+
+def gradients(saved: Saved, cotangents, needs: Needs, opts, layout):
+    """Cotangents of ``(x, w, bias, labels, class_weights)``."""
+    cdt = fwd.compute_dtype(saved.x, saved.w)
+    coefs = coefficients(saved, cotangents, opts, layout, cdt)
+    filtering = opts.filter_threshold is not None and not opts.label_smoothing
+    dx, dw, db, dcw = _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt)
+    if dw is not None:
+        dw = dw.reshape(saved.w.shape)
+    if db is not None:
+        db = db.reshape(saved.bias.shape)
+    if needs.class_weights:
+        dcw = _class_weights_grad(saved, coefs, dcw, opts, cdt)
+    if filtering:
+        dx, dw, db = _label_term(saved, coefs.onehot, (dx, dw, db), opts, layout, cdt)
+    if dx is not None:
+        # Under axis_name each shard holds its part of dx. As for `x @ w` with w
+        # split over the axis, JAX sums the parts where x's type asks for it
+        # (check_vma=True); without types the caller sums them.
+        dx = _sharding.match_varying(dx, saved.x).astype(saved.x.dtype)
+    return dx, dw, db, None, dcw
+
+
+def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
+    """One token block of one vocabulary block: its gradient, accumulated."""
+    xb = lay.block(saved.x, t, nt, 0)
+    z, zm = fwd.block_logits(xb, blk, opts, layout, cdt)
+    zs = zm - lay.rows_of(saved.shift, t, nt)
+    log_se = lay.take(saved.log_se, t, nt, 0)
+    p = jnp.exp(zs - log_se[:, None])
+    hit = blk.ids == lay.rows_of(saved.labels.ids, t, nt)
+    c = jax.tree.map(lambda v: lay.take(v, t, nt, 0), coefs)
+    entropy = None if c.entropy is None else lay.take(saved.entropy, t, nt, 0)
+    block_coefs = blocks.BlockCoefficients(
+        c.softmax, None if filtering else c.onehot, c.smoothing, c.entropy, entropy
+    )
+    dz = blocks.logits_gradient(z, zs, p, log_se, hit, block_coefs, blk.smoothing, opts)
+
+    def add(acc):
+        dx, dwb, dbb, dcwb = acc
+        dx_rows = None if dx is None else lay.take(dx, t, nt, 0)
+        dx_rows, dwb, dbb = blocks.accumulate(
+            dx_rows, dwb, dbb, xb, blk.w, dz, layout.rows, cdt
+        )
+        if dx is not None:
+            dx = lay.put(dx, dx_rows, t, 0)
+        if dcwb is not None:  # sum_i g_i a/V (lse_i - z_ic), on real columns
+            per = _numerics.weighted(c.smoothing[:, None], log_se[:, None] - zs)
+            # (in shifted coordinates: lse_i - z_ic = log_se_i - zs_ic)
+            dcwb = dcwb + jnp.sum(jnp.where(blk.real, per, 0), axis=0)
+        return dx, dwb, dbb, dcwb
+
+    if not filtering:
+        return add(acc)
+    skip = jnp.max(p) < opts.filter_threshold
+    return jax.lax.cond(skip, lambda a: a, add, acc)
+
+
+def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt):
+    """``(dx, dw, db, dcw)``: dw, db in the grouped layout, dcw the smoothing
+    part of the class weights' gradient (grouped), each ``None`` if not asked."""
+    x, w, bias = saved.x, saved.w, saved.bias
+    n, d = x.shape
+    cols = fwd.columns(w, bias, saved.class_weights, opts, layout, cdt)
+    vw = cols.views
+
+    def vocab_step(s, cs, carry):
+        dx, dw, db, dcw = carry
+        blk = fwd.vocab_block(cols, s, cs, opts, layout)
+        shape = blk.ids.shape
+        acc = (
+            dx,
+            _zeros_like_block(dw, shape + (d,) if layout.rows else (d,) + shape, cdt),
+            _zeros_like_block(db, shape, cdt),
+            _zeros_like_block(dcw, shape, cdt),
+        )
+        acc = _sharding.varying_like(acc, x, w, bias, saved.labels, coefs.softmax)
+
+        def token_step(t, nt, acc):
+            return _block_step(
+                acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt
+            )
+
+        dx, dwb, dbb, dcwb = lay.for_blocks(n, layout.token_block, token_step, acc)
+        return (
+            dx,
+            _put_block(dw, dwb, w, s, cs, lay.vocab_axis(vw.w, layout)),
+            _put_block(db, dbb, bias, s, cs, -1),
+            _put_block(dcw, dcwb, saved.class_weights, s, cs, -1),
+        )
+
+    init = (
+        _zeros(needs.x, lambda: ((n, d), cdt), x, w, bias, saved.labels, coefs),
+        _zeros(needs.w, lambda: (vw.w.shape, w.dtype), w),
+        _zeros(needs.bias, lambda: (vw.bias.shape, bias.dtype), bias),
+        _zeros(
+            needs.class_weights and coefs.smoothing is not None,
+            lambda: (cols.smoothing.shape, cdt),
+            saved.class_weights,
+        ),
+    )
+    return lay.for_blocks(vw.per_group, layout.vocab_block, vocab_step, init)
+
+
+def _zeros(needed: bool, shape_and_dtype, *refs):
+    """An accumulator of zeros typed to vary like ``refs``; ``None`` where the
+    gradient is not asked for."""
+    if not needed:
+        return None
+    return _sharding.varying_like(jnp.zeros(*shape_and_dtype()), *refs)
+
+
+def _zeros_like_block(total, shape, cdt):
+    return None if total is None else jnp.zeros(shape, cdt)
+
+
+def _put_block(total, block_sum, primal, s, cs: int, axis: int):
+    """A vocabulary block's accumulated gradient written into ``total`` (the
+    grouped layout), summed first over the data axes ``primal`` is
+    replicated over (a block-sized all-reduce, not one of all of ``total``)."""
+    if total is None:
+        return None
+    block_sum = _sharding.match_varying(block_sum, primal)
+    axis = axis % total.ndim
+    block_sum = block_sum.reshape(total.shape[:axis] + (cs,) + total.shape[axis + 1 :])
+    return lay.block_update(total, block_sum, s, axis)
+
+
+def _class_weights_grad(saved: Saved, coefs: Coefficients, smoothing_part, opts, cdt):
+    """``d/dw_c = sum_i g_i [(1 - a) [y_i = c] (lse_i - z_iy) + a/V (lse_i -
+    z_ic)]``: the one-hot part scattered from per-example scalars, the
+    smoothing part accumulated in the loop."""
+    cw = saved.class_weights
+    classes = ClassAxis(opts.axis_name)
+    label_xs = saved.label_logit - saved.shift
+    per_example = _numerics.weighted(
+        coefs.label * (1 - opts.label_smoothing), saved.log_se - label_xs
+    )
+    grad = classes.scatter_add(cw.shape[0], saved.labels.ids, per_example)
+    grad = _sharding.match_varying(grad, cw)
+    if smoothing_part is not None:
+        grad = grad + smoothing_part.reshape(cw.shape)
+    return grad.astype(cw.dtype)
+
+
+def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
+    """The ``-onehot_coef * onehot(y)`` term of ``d loss / d z``, exactly: a
+    gather and scatters (used when the loop skipped it: gradient filtering)."""
+    dx, dw, db = grads
+    x, w, bias = saved.x, saved.w, saved.bias
+    k = onehot_coef
+    if opts.logit_softcap is not None:
+        k = k * (1 - jnp.square(saved.label_logit / opts.logit_softcap))
+    if opts.temperature is not None:
+        k = k / opts.temperature
+    y, owned = ClassAxis(opts.axis_name).owned(
+        saved.labels.ids, fwd.vocab_size(w, layout)
+    )
+    k = jnp.where(owned, k, 0)
+    if dx is not None:
+        w_y = jnp.take(w, y, axis=0) if layout.rows else jnp.take(w, y, axis=1).T
+        dx = dx - k[:, None] * w_y.astype(cdt)
+    if dw is not None:
+        g_rows = -(x.astype(cdt) * k[:, None])  # [N, D]
+        dw = _scatter_add(dw, y, g_rows if layout.rows else g_rows.T, w, layout.rows)
+    if db is not None:
+        db = _scatter_add(db, y, -k, bias, False)
+    return dx, dw, db
+
+
+def _scatter_add(grad, columns, update, primal, rows: bool):
+    """``grad[..., columns] += update`` (``update``'s last axis per example;
+    ``grad[columns] += update``, its first axis, when ``rows``), summed over
+    the data axes that ``primal`` is replicated over (see
+    ``_sharding.match_varying``): then through a ``grad``-sized buffer, since
+    each device scatters to other columns."""
+    update = update.astype(grad.dtype)
+    at = (columns,) if rows else (..., columns)
+    if not _sharding.extra_varying(update, primal):
+        return grad.at[at].add(update)
+    scattered = jnp.zeros(grad.shape, grad.dtype).at[at].add(update)
+    return grad + _sharding.match_varying(scattered, primal)

@@ -1,0 +1,202 @@
+"""How the blockwise kernel cuts and walks its operands.
+
+Vocabulary layout. ``w`` is viewed (without a copy) as ``[D, G, V / G]``:
+``G`` equal contiguous groups of classes, and each step of the vocabulary loop
+takes the same column range of every group. The loop therefore never slices
+the group axis, so under ``jax.jit`` with ``w`` sharded on ``V`` over a number
+of devices that divides ``G`` (``G = 8`` when 8 divides ``V``) the sharding
+lands on that axis and XLA partitions the loop without gathering ``w``. A
+class's global id is ``offset + g * V / G + column``.
+
+Row layout. A tied embedding is ``[V, D]``; slicing columns of its transpose
+would make XLA CPU copy it (and its gradient) once, so the kernel also runs on
+``w`` ``[V, D]`` directly (``Layout.rows``), viewed as ``[G, V / G, D]``.
+
+XLA CPU notes (each measured with ``memory_analysis()``): 16-bit operands of a
+loop's slices are upcast by XLA CPU, and the upcast of a loop-invariant ``w``
+would be hoisted into a float32 copy of all of ``w``; see :func:`block`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _compat
+
+# Default block sizes, tuned on a 2-core CPU (benchmarks/bench_linear.py): a
+# block of logits should stay cache-friendly while each matmul stays large
+# enough to run at full speed.
+DEFAULT_VOCAB_BLOCK = 1024
+# Upper bound on the elements of one [token_block, vocab_block] block of logits.
+DEFAULT_BLOCK_ELEMENTS = 1024 * 2048
+# Vocabulary groups processed side by side; the largest that divides V is used.
+GROUP_CHOICES = (8, 4, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static shape decisions of the blockwise kernel."""
+
+    token_block: Any  # an int, or the (symbolic) token count: one block
+    vocab_block: int  # columns per group per step
+    groups: int
+    rows: bool  # w is [V, D] (a tied embedding), else [D, V]
+    padded: bool  # some columns (on some shard) are padding, past num_classes
+
+
+def choose(block_size, n: Any, v: int, rows: bool, padded: bool) -> Layout:
+    """The layout for ``n`` tokens and ``v`` classes here, from ``block_size``
+    (validated: ``None``, an int or ``(token_block, vocab_block)``).
+
+    Without a token block, tokens are blocked so that one block of logits has
+    at most ``DEFAULT_BLOCK_ELEMENTS`` entries. A symbolic token count
+    (``jax.export``) is one token block: loops need static block shapes.
+    """
+    groups = next(g for g in GROUP_CHOICES if v % g == 0)
+    tb = None
+    if block_size is None:
+        vb = DEFAULT_VOCAB_BLOCK
+    elif isinstance(block_size, int):
+        vb = block_size
+    else:
+        tb, vb = block_size
+    vb = max(1, min(vb, v) // groups)
+    if tb is None:
+        tb = DEFAULT_BLOCK_ELEMENTS // (vb * groups)
+    tb = max(1, min(tb, n)) if _compat.is_static(n) else n
+    return Layout(tb, vb, groups, rows, padded)
+
+
+def for_blocks(total: Any, block: Any, body, carry):
+    """Runs ``body(start, size, carry)`` over ``[0, total)`` in blocks.
+
+    Full blocks go through one ``fori_loop`` (traced ``start``, static
+    ``size``); a remainder is one more static call, so no input is ever padded
+    or copied to make ``total`` divisible by ``block``. Under ``shard_map``'s
+    ``check_vma`` the carry must already vary over every axis the body's
+    results vary over (see ``_sharding.varying_like``): loops and conds need
+    equal types on every path.
+    """
+    if block is total:  # one (possibly symbolic) block
+        return body(0, total, carry)
+    n_full, rem = divmod(total, block)
+    if n_full == 1:
+        carry = body(0, block, carry)
+    elif n_full > 1:
+        carry = jax.lax.fori_loop(
+            0, n_full, lambda i, c: body(i * block, block, c), carry
+        )
+    if rem:
+        carry = body(n_full * block, rem, carry)
+    return carry
+
+
+def take(a, start, size: Any, axis: int):
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+def put(a, update, start, axis: int):
+    return jax.lax.dynamic_update_slice_in_dim(a, update, start, axis=axis)
+
+
+def rows_of(v, t, nt):
+    """Rows ``t:t+nt`` of a per-example vector, broadcastable to a block."""
+    return take(v, t, nt, 0)[:, None]
+
+
+def _is_16bit(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2
+
+
+def block(a, start, size: Any, axis: int):
+    """``size`` entries of a loop-invariant array from ``start`` along ``axis``.
+
+    XLA CPU upcasts 16-bit float operands of slices to float32; on a
+    loop-invariant operand that convert is hoisted out of the loop, i.e. a
+    float32 copy of the whole of ``w`` (or ``x``). Tying the array to the
+    loop-variant offset with a barrier keeps the conversion per block.
+    """
+    if _is_16bit(a):
+        a, start = jax.lax.optimization_barrier((a, start))
+    return take(a, start, size, axis)
+
+
+def block_update(a, update, start, axis: int):
+    """``dynamic_update_slice`` of a 16-bit carry, kept in its own dtype."""
+    if _is_16bit(a):
+        a, start = jax.lax.optimization_barrier((a, start))
+    return put(a, update.astype(a.dtype), start, axis)
+
+
+def grouped(a, groups: int):
+    """``a`` [..., V] viewed as [..., G, V / G] (a bitcast); as is when G = 1.
+
+    No size-1 group axis is added: XLA CPU copies a whole ``w`` to relayout
+    one.
+    """
+    if groups == 1:
+        return a
+    return a.reshape(a.shape[:-1] + (groups, a.shape[-1] // groups))
+
+
+def grouped_rows(a, groups: int):
+    """``a`` [V, D] viewed as [G, V / G, D] (a bitcast); as is when G = 1."""
+    if groups == 1:
+        return a
+    return a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
+
+
+class Views(NamedTuple):
+    """Grouped views of the per-class operands."""
+
+    w: jax.Array  # [D, (G,) L], or [(G,) L, D] in the row layout
+    bias: jax.Array | None  # [(G,) L]
+    class_weights: jax.Array | None  # [(G,) L]
+    per_group: int  # L = V / G
+    offset: Any  # global id of the first class held here
+
+
+def views(w, bias, class_weights, layout: Layout, offset) -> Views:
+    g = layout.groups
+    v = w.shape[0] if layout.rows else w.shape[1]
+    return Views(
+        grouped_rows(w, g) if layout.rows else grouped(w, g),
+        None if bias is None else grouped(bias, g),
+        None if class_weights is None else grouped(class_weights, g),
+        v // g,
+        offset,
+    )
+
+
+def vocab_axis(a, layout: Layout) -> int:
+    """The class axis of the grouped view of ``w`` (or of ``dw``)."""
+    return a.ndim - 2 if layout.rows else a.ndim - 1
+
+
+def w_block(vw: Views, s, cs: int, layout: Layout):
+    """Classes ``s:s+cs`` of every group, flattened to [D, G cs] ([G cs, D] in
+    the row layout): the dots stay 2-D (XLA CPU has no 16-bit kernel for some
+    3-D dots)."""
+    wb = block(vw.w, s, cs, vocab_axis(vw.w, layout))
+    d = vw.w.shape[-1] if layout.rows else vw.w.shape[0]
+    return wb.reshape(-1, d) if layout.rows else wb.reshape(d, -1)
+
+
+def class_block(a, start, size: int):
+    """Columns ``start:start+size`` of every group of a per-class vector,
+    flattened (``None`` stays ``None``)."""
+    return None if a is None else take(a, start, size, a.ndim - 1).reshape(-1)
+
+
+def block_ids(vw: Views, start, size: int, groups: int):
+    """Global class ids ``[G size]`` of a vocabulary block."""
+    shape = (size,) if groups == 1 else (groups, size)
+    j = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    ids = vw.offset + start + j
+    if groups > 1:
+        ids = ids + jax.lax.broadcasted_iota(jnp.int32, shape, 0) * vw.per_group
+    return ids.reshape(-1)

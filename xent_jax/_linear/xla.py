@@ -1,0 +1,78 @@
+r"""The default fused kernel: XLA loops over vocabulary and token blocks.
+
+The forward pass (``forward``) streams over vocabulary blocks (and token
+blocks) with an online log-sum-exp and saves only its inputs and three
+scalars per example (the shift, the log-sum-exp in shifted coordinates and the
+label's logit). The backward pass (``backward``) recomputes each block's
+logits and accumulates ``dx``, ``dw`` and ``db`` one block at a time, so no
+``[N, V]`` array ever exists: memory is ``O(token_block * vocab_block)`` on
+top of the inputs and the gradients.
+
+Gradients that nothing asked for are not computed (``symbolic_zeros``): a
+frozen head pays no ``dw``, a loss differentiated only in ``w`` no ``dx``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _registry
+from xent_jax._labels import Labels
+from xent_jax._linear import backward
+from xent_jax._linear import forward as fwd
+from xent_jax._linear.layout import Layout
+from xent_jax._stats import KernelOut
+
+
+@_registry.register("linear", "xla")
+def linear_xla(x, w, bias, labels: Labels, class_weights, opts, layout: Layout):
+    """Per-example statistics (``_stats.KernelOut``) of ``x @ w + bias``
+    (``x`` ``[N, D]``; ``w`` ``[D, V]``, or ``[V, D]`` in the row layout), by
+    the blockwise kernel."""
+    return _kernel(x, w, bias, labels, class_weights, opts, layout)
+
+
+def _forward(x, w, bias, labels, class_weights, opts, layout):
+    st, u_total = fwd.row_statistics(x, w, bias, labels, class_weights, opts, layout)
+    cdt = fwd.compute_dtype(x, w)
+    out, shift, log_se = fwd.outputs(st, u_total, labels, class_weights, opts, cdt)
+    return out, shift, log_se, st.label_logit
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel(x, w, bias, labels, class_weights, opts, layout) -> KernelOut:
+    return _forward(x, w, bias, labels, class_weights, opts, layout)[0]
+
+
+def _kernel_fwd(x, w, bias, labels, class_weights, opts, layout):
+    needs = backward.Needs(
+        x.perturbed,
+        w.perturbed,
+        bias is not None and bias.perturbed,
+        class_weights is not None and class_weights.perturbed,
+    )
+    x, w, bias, labels, class_weights = jax.tree.map(
+        lambda a: a.value, (x, w, bias, labels, class_weights)
+    )
+    out, shift, log_se, label_logit = _forward(
+        x, w, bias, labels, class_weights, opts, layout
+    )
+    saved = backward.Saved(
+        x, w, bias, labels, class_weights, shift, log_se, label_logit, out.entropy
+    )
+    # Which gradients are needed is static: it travels as the residuals'
+    # structure (an empty array where needed, None where not).
+    flags = tuple(jnp.zeros((0,)) if need else None for need in needs)
+    return out, (saved, flags)
+
+
+def _kernel_bwd(opts, layout, residual, cotangents):
+    saved, flags = residual
+    needs = backward.Needs(*(f is not None for f in flags))
+    return backward.gradients(saved, cotangents, needs, opts, layout)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)

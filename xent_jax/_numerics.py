@@ -1,0 +1,28 @@
+"""Numeric primitives every loss uses, each defined once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """16-bit inputs are computed and accumulated in float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def weighted(t: jax.Array, v: jax.Array) -> jax.Array:
+    """``t * v`` where a zero weight contributes 0, even at ``v = ±inf``
+    (``0 log 0 = 0``: a class or label without target mass). Written so
+    that its derivatives are finite there too (no ``0 * inf`` in autodiff)."""
+    return t * jnp.where(t == 0, 0, v)
+
+
+def sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``a`` summed over the axes along which an array of ``shape`` was
+    broadcast to ``a``'s shape (the transpose of that broadcast)."""
+    lead = a.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and a.shape[lead + i] != 1
+    )
+    return jnp.sum(a, axis=axes).reshape(shape)

@@ -1,0 +1,104 @@
+"""Segments: the sequences of packed and padded batches.
+
+``segment_ids`` has the labels' shape; its last axis is the sequence. A
+segment is a maximal run of equal ids along that axis within one row (all the
+other axes), so the same id in two rows, or twice in a row with another id
+between, names different segments. A negative id, or one equal to
+``ignore_index``, marks padding: those positions are never scored.
+
+Without ``segment_ids`` every row is one segment (a padded batch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xent_jax import _checks
+
+
+class Segments(NamedTuple):
+    """Each position's segment, as a dense index in ``[0, size)``."""
+
+    index: jax.Array  # int32, the labels' shape
+    size: Any  # an upper bound on the number of segments (the positions)
+
+
+def validate(segment_ids: Any, shape: tuple) -> jax.Array | None:
+    if segment_ids is None:
+        return None
+    segment_ids = _checks.as_array(segment_ids, "segment_ids")
+    _checks.check_integer(segment_ids, "segment_ids")
+    _checks.check_shape(segment_ids, shape, "segment_ids", " (the labels' shape)")
+    return segment_ids
+
+
+def padding(segment_ids: jax.Array, ignore_index: int | None) -> jax.Array:
+    """Where ``segment_ids`` marks padding (a negative id or ``ignore_index``)."""
+    pad = (
+        segment_ids < 0
+        if jnp.issubdtype(segment_ids.dtype, jnp.signedinteger)
+        else (jnp.zeros(segment_ids.shape, bool))
+    )
+    info = np.iinfo(segment_ids.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        pad = pad | (segment_ids == jnp.asarray(ignore_index, segment_ids.dtype))
+    return pad
+
+
+def same_segment_ahead(segment_ids: jax.Array, shift: int) -> jax.Array:
+    """Whether position ``t + shift`` lies in the segment of position ``t``
+    (False where ``t + shift`` is past the end): a packed sequence's last
+    token does not predict the next sequence's first."""
+    length = segment_ids.shape[-1]
+    ahead = segment_ids[..., shift:]
+    same = segment_ids[..., : max(length - shift, 0)] == ahead
+    for i in range(1, shift + 1):  # every position in between, too
+        same = same & (segment_ids[..., i : i + ahead.shape[-1]] == ahead)
+    pad = [(0, 0)] * (segment_ids.ndim - 1) + [(0, min(shift, length))]
+    return jnp.pad(same, pad, constant_values=False)
+
+
+def segments(segment_ids: jax.Array | None, shape: tuple) -> Segments:
+    """The dense segment index of every position of a ``shape`` batch."""
+    if not shape:
+        return Segments(jnp.zeros((), jnp.int32), 1)
+    length = shape[-1]
+    rows = jnp.zeros(shape, jnp.int32)
+    for axis in range(len(shape) - 1):
+        rows = rows * shape[axis] + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    if segment_ids is None:
+        return Segments(rows, math.prod(shape[:-1]))
+    starts = jnp.concatenate(
+        [
+            jnp.ones(shape[:-1] + (1,), bool),
+            segment_ids[..., 1:] != segment_ids[..., :-1],
+        ],
+        axis=-1,
+    )
+    run = jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1
+    return Segments(rows * length + run, jnp.size(segment_ids))
+
+
+def mean_weights(scored, label_weight, segs: Segments):
+    """Per-example weights ``1 / D_s`` of the cross-entropy (``D_s`` the sum
+    of the scored examples' label weights in their segment, their count
+    without weights) and ``1 / N_s`` of the z-loss (``N_s`` the count), 0 on
+    unscored examples, and the number of segments with a scored example."""
+    index = segs.index.reshape(-1)
+
+    def segment_totals(values):
+        values = jnp.where(scored, values, 0).reshape(-1)
+        return jax.ops.segment_sum(values, index, num_segments=segs.size)
+
+    def inverse(totals):
+        d = totals[index].reshape(scored.shape)
+        return jnp.where(scored & (d != 0), 1 / jnp.where(d == 0, 1, d), 0)
+
+    counts = segment_totals(jnp.ones(scored.shape, jnp.float32))
+    dens = counts if label_weight is None else segment_totals(label_weight)
+    return inverse(dens), inverse(counts), jnp.sum(counts > 0)

@@ -1,0 +1,1 @@
+"""The sigmoid binary cross-entropy op: ``api``, ``reference``, ``xla``."""

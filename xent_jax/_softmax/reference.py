@@ -1,0 +1,81 @@
+"""The softmax losses' formula under plain autodiff (``implementation="reference"``).
+
+The same statistics as the kernel (``_stats``, ``targets``), differentiated by
+JAX: every transform works on it, forward mode included.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _numerics, _registry
+from xent_jax._options import SoftmaxOptions
+from xent_jax._softmax import targets as tg
+from xent_jax._softmax.targets import Inputs
+from xent_jax._stats import KernelOut, log_of_sum, shift_of
+
+
+def no_axis_name(opts) -> None:
+    if opts.axis_name is not None:
+        raise NotImplementedError(
+            'implementation="reference" does not support axis_name; use the '
+            "default implementation inside shard_map."
+        )
+
+
+@_registry.register("softmax", "reference")
+def softmax_reference(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
+    """Per-example ``sum_c t_c (lse - x_c)`` and statistics, plainly."""
+    no_axis_name(opts)
+    dtype = _numerics.compute_dtype(inputs.x.dtype)
+    scored = inputs.scored[..., None]
+    # Rows that are not scored get harmless logits, so that nothing
+    # non-finite is differentiated there; their loss is 0 afterwards. The
+    # statistics (lse, entropy, argmax) are of the logits as given.
+    x = tg.logits(inputs, opts, dtype)
+    x_safe = jnp.where(scored, x, 0)
+    keep = inputs.keep
+    xm = x_safe if keep is None else jnp.where(keep | ~scored, x_safe, -jnp.inf)
+    shift = jax.lax.stop_gradient(shift_of(jnp.max(xm, axis=-1)))
+    log_se = log_of_sum(jnp.sum(jnp.exp(xm - shift[..., None]), axis=-1))
+    t = tg.targets(inputs, opts, dtype, x.shape)
+    # The label's own term reads the unmasked logit (optax); t is 0 on the
+    # classes `where` masks.
+    dist = log_se[..., None] - (x_safe - shift[..., None])
+    ce = jnp.sum(_numerics.weighted(t, dist), axis=-1)
+    ce = jnp.where(jnp.isnan(shift), jnp.nan, ce)
+    out = KernelOut(jnp.where(inputs.scored, ce, 0), _statistic(_lse, x, inputs))
+    if opts.aux:
+        entropy = _statistic(_entropy, x, inputs)
+        out = out._replace(entropy=entropy, argmax=_argmax(x, keep))
+    return out
+
+
+def _statistic(fn, x, inputs: Inputs):
+    """``fn(x, keep)`` per example, differentiated on scored examples only
+    (elsewhere its value is of the logits as given, without gradient)."""
+    scored = inputs.scored
+    value = fn(jnp.where(scored[..., None], x, 0), inputs.keep)
+    unscored = jax.lax.stop_gradient(fn(x, inputs.keep))
+    return jnp.where(scored, value, unscored)
+
+
+def _masked(x, keep):
+    return x if keep is None else jnp.where(keep, x, -jnp.inf)
+
+
+def _lse(x, keep):
+    xm = _masked(x, keep)
+    shift = jax.lax.stop_gradient(shift_of(jnp.max(xm, axis=-1)))
+    return shift + log_of_sum(jnp.sum(jnp.exp(xm - shift[..., None]), axis=-1))
+
+
+def _entropy(x, keep):
+    """``-sum_c p_c log p_c`` over the kept classes."""
+    log_p = _masked(x, keep) - _lse(x, keep)[..., None]
+    return -jnp.sum(_numerics.weighted(jnp.exp(log_p), log_p), axis=-1)
+
+
+def _argmax(x, keep):
+    return jnp.argmax(_masked(x, keep), axis=-1).astype(jnp.int32)

@@ -1,0 +1,107 @@
+"""The effective targets of the core softmax losses (see ``_stats``).
+
+``t = w * ((1 - a) * y + u)`` restricted to the classes ``where`` keeps, with
+``y`` the one-hot label or the soft target, ``a`` the label smoothing, ``w``
+the class weights and ``u = a / C_row`` the smoothing mass per kept class
+(``C_row`` the number of classes kept in the row, over every class shard).
+For integer labels the label's own term is not masked by ``where`` (optax).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax import _numerics, _stats
+from xent_jax._classes import ClassAxis
+from xent_jax._labels import Labels
+from xent_jax._options import SoftmaxOptions
+
+
+class Inputs(NamedTuple):
+    """A softmax kernel's canonical inputs: classes last, labels classified."""
+
+    x: jax.Array  # logits [..., C_local], any floating dtype
+    labels: Labels | jax.Array  # Labels, or soft targets [..., C_local]
+    keep: jax.Array | None  # per-class bool mask [..., C_local] or None
+    class_weights: jax.Array | None  # [C_local]
+    scored: jax.Array  # bool [...]
+
+
+def logits(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
+    """The logits in ``dtype``, divided by the temperature (unmasked)."""
+    x = inputs.x.astype(dtype)
+    return x if opts.temperature is None else x / opts.temperature
+
+
+def masked_logits(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
+    """:func:`logits` with ``-inf`` on the classes ``where`` masks."""
+    x = logits(inputs, opts, dtype)
+    return x if inputs.keep is None else jnp.where(inputs.keep, x, -jnp.inf)
+
+
+def smoothing(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
+    """``a / C_row`` on kept classes: broadcastable to the logits (a scalar
+    without ``where``); the class weights are not in it."""
+    a = opts.label_smoothing
+    if inputs.keep is None:
+        return jnp.asarray(a / opts.num_classes, dtype)
+    kept = ClassAxis(opts.axis_name).row_sum(inputs.keep.astype(dtype))
+    return jnp.where(inputs.keep, a / jnp.maximum(kept, 1)[..., None], 0)
+
+
+def weighted_by_class(v, inputs: Inputs, dtype):
+    if inputs.class_weights is None:
+        return v
+    return v * inputs.class_weights.astype(dtype)
+
+
+def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
+    """``t`` with the logits' ``shape``, zero on examples that are not scored."""
+    a = opts.label_smoothing
+    if opts.integer:
+        ids = ClassAxis(opts.axis_name).ids(shape[-1])
+        y = (ids == inputs.labels.ids[..., None]).astype(dtype)
+    else:
+        y = inputs.labels.astype(dtype)
+        if inputs.keep is not None:
+            y = jnp.where(inputs.keep, y, 0)
+    t = (1 - a) * y if a else y
+    if a:
+        t = t + smoothing(inputs, opts, dtype)
+    t = weighted_by_class(jnp.broadcast_to(t, shape), inputs, dtype)
+    return jnp.where(inputs.scored[..., None], t, 0)
+
+
+def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
+    """``(sum_t, sum_t_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c - s)`` given
+    the shifted masked logits ``xs = x - shift``, without materialising ``t``
+    for integer labels (the one-hot part is a gather; only label smoothing
+    reads rows)."""
+    classes = ClassAxis(opts.axis_name)
+    dtype = xs.dtype
+    if not opts.integer:
+        t = targets(inputs, opts, dtype, xs.shape)
+        return classes.row_sum(t), classes.row_sum(_numerics.weighted(t, xs))
+    # The label's own logit is read unmasked (optax): from x, then shifted.
+    label_xs = classes.take(logits(inputs, opts, dtype), inputs.labels.ids) - shift
+    w_y = label_weights(inputs, opts, dtype)
+    smooth_mass = smooth_xs = None
+    if opts.label_smoothing:
+        u = weighted_by_class(smoothing(inputs, opts, dtype), inputs, dtype)
+        smooth_mass = classes.row_sum(jnp.broadcast_to(u, xs.shape))
+        smooth_xs = classes.row_sum(_numerics.weighted(u, xs))
+    sum_t, sum_t_xs = _stats.integer_target_sums(
+        opts.label_smoothing, w_y, label_xs, smooth_mass, smooth_xs
+    )
+    return jnp.where(inputs.scored, sum_t, 0), jnp.where(inputs.scored, sum_t_xs, 0)
+
+
+def label_weights(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
+    """``class_weights[label]`` per example (1 without class weights)."""
+    if inputs.class_weights is None:
+        return jnp.ones(inputs.labels.ids.shape, dtype)
+    classes = ClassAxis(opts.axis_name)
+    return classes.take(inputs.class_weights.astype(dtype), inputs.labels.ids)
