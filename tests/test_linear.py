@@ -529,15 +529,21 @@ def test_out_of_range_labels():
 # --- memory -------------------------------------------------------------------
 
 
-def _temp_bytes(n, d, v, dtype=jnp.float32, block_size=(256, 1024), tied=False):
+def _temp_bytes(
+    n, d, v, dtype=jnp.float32, block_size=(256, 1024), tied=False, layout="dv", **kw
+):
+    """Compiled temp bytes of value_and_grad of the mean loss w.r.t. x and w;
+    ``tied``: w is [V, D] passed as ``w.T``; ``layout="vd"``: w is [V, D]."""
     x = jax.ShapeDtypeStruct((n, d), dtype)
-    w = jax.ShapeDtypeStruct((v, d) if tied else (d, v), dtype)
+    w = jax.ShapeDtypeStruct((v, d) if tied or layout == "vd" else (d, v), dtype)
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    kw = dict(dict(z_loss=1e-4), **kw)
 
     def loss(x, w, y):
-        return linear_cross_entropy(
-            x, w.T if tied else w, y, block_size=block_size, z_loss=1e-4
+        out = linear_cross_entropy(
+            x, w.T if tied else w, y, block_size=block_size, w_layout=layout, **kw
         )
+        return out[0] if isinstance(out, tuple) else out
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return step.lower(x, w, y).compile().memory_analysis().temp_size_in_bytes
@@ -557,6 +563,38 @@ def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
     # A tied embedding passed as emb.T: neither W nor dW is copied.
     tied = _temp_bytes(n, d, 65536, dtype, tied=True)
     assert tied <= temps[65536] * 1.05 + 2**20, (tied, temps)
+    # An embedding passed as [V, D] with w_layout="vd": neither is copied.
+    rows = _temp_bytes(n, d, 65536, dtype, layout="vd")
+    assert rows <= temps[65536] * 1.05 + 2**20, (rows, temps)
+
+
+def test_temp_memory_with_every_option_at_lm_shape():
+    """N=8192, D=1024, V=131072 (issue 13): with every option on, the fused
+    loss's temporaries stay within 64 MiB (the logits would be 4 GiB)."""
+    segment_ids = jnp.repeat(jnp.arange(8), 1024).reshape(8, 1024)
+    kw = dict(
+        label_smoothing=0.1,
+        class_weights=jnp.ones(131072),
+        logit_softcap=30.0,
+        temperature=0.9,
+        return_aux=True,
+        shift=1,
+        ignore_index=-100,
+        reduction="mean_per_segment",
+    )
+
+    def loss(x, w, y):
+        out, aux = linear_cross_entropy(
+            x, w, y, segment_ids=segment_ids, block_size=None, **kw
+        )
+        return out + 1e-3 * jnp.mean(aux.entropy)
+
+    x = jax.ShapeDtypeStruct((8, 1024, 1024), jnp.float32)
+    w = jax.ShapeDtypeStruct((1024, 131072), jnp.float32)
+    y = jax.ShapeDtypeStruct((8, 1024), jnp.int32)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    temp = step.lower(x, w, y).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 64 * 2**20, temp / 2**20
 
 
 def test_sharded_vocabulary_is_not_gathered():

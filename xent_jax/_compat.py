@@ -69,14 +69,22 @@ def checkify_fail_if(error, enabled_errors, predicate, message: str):
 # --- shard_map's varying-manual-axes types (check_vma) -----------------------
 
 
-def varying_manual_axes(x: Any) -> frozenset:
-    """The ``shard_map`` axes over which ``x`` varies (empty without
-    ``check_vma`` or outside ``shard_map``)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))  # jax 0.7 - 0.8
+if hasattr(jax.core.ShapedArray, "manual_axis_type"):  # jax >= 0.9
+    BRANCHES["varying_manual_axes"] = "manual_axis_type"
+
+    def varying_manual_axes(x: Any) -> frozenset:
+        """The ``shard_map`` axes over which ``x`` varies (empty without
+        ``check_vma`` or outside ``shard_map``)."""
+        manual = getattr(jax.typeof(x), "manual_axis_type", None)
+        return frozenset(() if manual is None else manual.varying)
+
+else:  # jax 0.7 - 0.8
+    BRANCHES["varying_manual_axes"] = "vma"
+
+    def varying_manual_axes(x: Any) -> frozenset:
+        """The ``shard_map`` axes over which ``x`` varies (empty without
+        ``check_vma`` or outside ``shard_map``)."""
+        return frozenset(getattr(jax.typeof(x), "vma", ()))
 
 
 if hasattr(jax.lax, "pcast"):

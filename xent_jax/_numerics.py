@@ -26,3 +26,9 @@ def sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         lead + i for i, s in enumerate(shape) if s == 1 and a.shape[lead + i] != 1
     )
     return jnp.sum(a, axis=axes).reshape(shape)
+
+
+def tempered(v: jax.Array, temperature: float | None) -> jax.Array:
+    """Logits (or a statistic linear in them, such as their max) divided by
+    the temperature."""
+    return v if temperature is None else v / temperature

@@ -32,13 +32,13 @@ class Inputs(NamedTuple):
 
 def logits(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
     """The logits in ``dtype``, divided by the temperature (unmasked)."""
+    return _numerics.tempered(inputs.x.astype(dtype), opts.temperature)
+
+
+def masked_logits(inputs: Inputs, dtype) -> jax.Array:
+    """The logits in ``dtype`` with ``-inf`` on the classes ``where`` masks
+    (not yet divided by the temperature)."""
     x = inputs.x.astype(dtype)
-    return x if opts.temperature is None else x / opts.temperature
-
-
-def masked_logits(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
-    """:func:`logits` with ``-inf`` on the classes ``where`` masks."""
-    x = logits(inputs, opts, dtype)
     return x if inputs.keep is None else jnp.where(inputs.keep, x, -jnp.inf)
 
 
@@ -86,7 +86,8 @@ def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
         t = targets(inputs, opts, dtype, xs.shape)
         return classes.row_sum(t), classes.row_sum(_numerics.weighted(t, xs))
     # The label's own logit is read unmasked (optax): from x, then shifted.
-    label_xs = classes.take(logits(inputs, opts, dtype), inputs.labels.ids) - shift
+    x_y = classes.take(inputs.x.astype(dtype), inputs.labels.ids)
+    label_xs = _numerics.tempered(x_y, opts.temperature) - shift
     w_y = label_weights(inputs, opts, dtype)
     smooth_mass = smooth_xs = None
     if opts.label_smoothing:

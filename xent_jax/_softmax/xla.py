@@ -51,30 +51,49 @@ def _after(value, dependency):
 
 
 def _statistics(inputs: Inputs, opts: SoftmaxOptions):
-    """The kernel's outputs, and what the softmax and the backward need."""
+    """The kernel's outputs, and what the softmax and the backward need.
+
+    XLA CPU materialises the elementwise producer of a reduction, so the
+    reductions read the logits as given (the max before the temperature, the
+    entropy from the exponentials alone), and every other read of the logits
+    finishes before the exponentials, which XLA then writes over them.
+    """
     classes = ClassAxis(opts.axis_name)
-    xm = tg.masked_logits(inputs, opts, _numerics.compute_dtype(inputs.x.dtype))
-    shift = jax.lax.stop_gradient(_stats.shift_of(classes.row_max(xm)))
-    xs = xm - shift[..., None]
+    xm = tg.masked_logits(inputs, _numerics.compute_dtype(inputs.x.dtype))
+    row_max = classes.row_max(xm)
+    argmax = _argmax(xm, row_max, classes) if opts.aux else None
+    shift = jax.lax.stop_gradient(
+        _stats.shift_of(_numerics.tempered(row_max, opts.temperature))
+    )
+    xs = _numerics.tempered(xm, opts.temperature) - shift[..., None]
     sum_t, sum_t_xs = tg.target_sums(inputs, xs, shift, opts)
-    e = jnp.exp(xm - _after(shift, sum_t_xs)[..., None])
+    after = _after(shift, sum_t_xs)
+    if argmax is not None:
+        after = _after(after, argmax.astype(after.dtype))
+    e = jnp.exp(_numerics.tempered(xm, opts.temperature) - after[..., None])
     sum_e = classes.row_sum(e)
     log_se = _stats.log_of_sum(sum_e)
     ce = _stats.cross_entropy(sum_t, sum_t_xs, log_se, shift)
     out = KernelOut(jnp.where(inputs.scored, ce, 0), shift + log_se)
     if opts.aux:
-        sum_exs = classes.row_sum(_numerics.weighted(e, xs))
-        out = out._replace(
-            entropy=_stats.entropy(log_se, sum_exs, sum_e),
-            argmax=_argmax(xm, classes),
-        )
-    return out, (xm, e, sum_e, shift, log_se, sum_t)
+        # sum_c e_c (x_c - shift), with x_c - shift = log e_c where e_c > 0.
+        sum_exs = classes.row_sum(_numerics.weighted(e, jnp.log(e)))
+        entropy = _stats.entropy(log_se, sum_exs, sum_e)
+        out = out._replace(entropy=entropy, argmax=argmax)
+    return out, (
+        _numerics.tempered(xm, opts.temperature),
+        e,
+        sum_e,
+        shift,
+        log_se,
+        sum_t,
+    )
 
 
-def _argmax(xm, classes: ClassAxis):
+def _argmax(xm, row_max, classes: ClassAxis):
     """The global id of each row's largest logit (the first, as jnp.argmax)."""
     local = jnp.argmax(xm, axis=-1).astype(jnp.int32)
-    value = jnp.max(xm, axis=-1)
+    value = jnp.max(xm, axis=-1) if classes.axis_name is not None else row_max
     return classes.argmax(value, local + classes.offset(xm.shape[-1]))
 
 
@@ -119,8 +138,9 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     label_nll = None  # lse - x_y, for the one-hot part of the weights' gradient
     if opts.integer and perturbed.class_weights is True:
         x_y = ClassAxis(opts.axis_name).take(
-            tg.logits(inputs, opts, xm.dtype), inputs.labels.ids
+            inputs.x.astype(xm.dtype), inputs.labels.ids
         )
+        x_y = _numerics.tempered(x_y, opts.temperature)
         label_nll = log_se - (x_y - shift)
     return out, (saved, p, shift, log_se, sum_t, label_nll, out.entropy)
 
@@ -139,7 +159,8 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
         g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
         d_log_p = _numerics.weighted(pf, jnp.log(pf) + entropy[..., None])
         d_x = d_x - _stats.softmax_part(g_h, d_log_p)
-    d_x = _tempered(d_x, opts).astype(x_dtype)
+    # The chain factor of the temperature, d(x / T) / dx = 1 / T.
+    d_x = _numerics.tempered(d_x, opts.temperature).astype(x_dtype)
     if saved.x is not None:
         d_x = _sharding.like(d_x, saved.x)
     d_labels = d_weights = None
@@ -153,11 +174,6 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     if not opts.integer:
         d_inputs = d_inputs._replace(labels=d_labels)
     return (d_inputs,)
-
-
-def _tempered(d_z, opts: SoftmaxOptions):
-    """A cotangent of the tempered logits as one of the logits."""
-    return d_z if opts.temperature is None else d_z / opts.temperature
 
 
 def _is_zero(g) -> bool:
