@@ -33,6 +33,8 @@ from xent_jax._aux import Aux, make_aux
 from xent_jax._classes import ClassAxis
 from xent_jax._labels import Labels
 from xent_jax._linear import explicit, layout
+from xent_jax._linear import pallas_tpu as _pallas_tpu  # noqa: F401 (registers)
+from xent_jax._linear import pallas_triton as _pallas_triton  # noqa: F401
 from xent_jax._linear import reference as _reference  # noqa: F401 (registers)
 from xent_jax._linear import xla as _xla  # noqa: F401 (registers)
 from xent_jax._options import SoftmaxReduction
@@ -74,7 +76,7 @@ def _classifier(w, w_layout, implementation: str):
         return w, True
     # A tied embedding passed as emb.T: the kernel runs on w.T [V, D], which XLA
     # folds with the caller's transpose (see _compat.is_transpose_output).
-    if implementation == "xla" and _compat.is_transpose_output(w):
+    if implementation != "reference" and _compat.is_transpose_output(w):
         return jnp.transpose(w), True
     return w, False
 

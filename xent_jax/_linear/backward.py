@@ -90,12 +90,15 @@ def coefficients(saved: Saved, cotangents, opts, layout, cdt) -> Coefficients:
     return Coefficients(coef, label * (1 - a) * w_y, smoothing, label, g_h)
 
 
-def gradients(saved: Saved, cotangents, needs: Needs, opts, layout):
-    """Cotangents of ``(x, w, bias, labels, class_weights)``."""
+def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=None):
+    """Cotangents of ``(x, w, bias, labels, class_weights)``. ``vocab_loop``
+    (default: the XLA loop, ``_vocab_loop``'s contract) is the streaming part,
+    which the Pallas kernels replace."""
     cdt = fwd.compute_dtype(saved.x, saved.w)
     coefs = coefficients(saved, cotangents, opts, layout, cdt)
     filtering = opts.filter_threshold is not None and not opts.label_smoothing
-    dx, dw, db, dcw = _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt)
+    loop = _vocab_loop if vocab_loop is None else vocab_loop
+    dx, dw, db, dcw = loop(saved, coefs, needs, filtering, opts, layout, cdt)
     if dw is not None:
         dw = dw.reshape(saved.w.shape)
     if db is not None:
@@ -120,6 +123,7 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
     log_se = lay.take(saved.log_se, t, nt, 0)
     p = jnp.exp(zs - log_se[:, None])
     hit = blk.ids == lay.rows_of(saved.labels.ids, t, nt)
+    scored = lay.rows_of(saved.labels.scored, t, nt)
     c = jax.tree.map(lambda v: lay.take(v, t, nt, 0), coefs)
     entropy = None if c.entropy is None else lay.take(saved.entropy, t, nt, 0)
     block_coefs = blocks.BlockCoefficients(
@@ -130,8 +134,10 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
     def add(acc):
         dx, dwb, dbb, dcwb = acc
         dx_rows = None if dx is None else lay.take(dx, t, nt, 0)
+        # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
+        xw = xb if dwb is None else jnp.where(scored, xb, 0)
         dx_rows, dwb, dbb = blocks.accumulate(
-            dx_rows, dwb, dbb, xb, blk.w, dz, layout.rows, cdt
+            dx_rows, dwb, dbb, xw, blk.w, dz, layout.rows, cdt
         )
         if dx is not None:
             dx = lay.put(dx, dx_rows, t, 0)
@@ -241,9 +247,10 @@ def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
     x, w, bias = saved.x, saved.w, saved.bias
     k = onehot_coef
     if opts.logit_softcap is not None:
-        k = k * (1 - jnp.square(saved.label_logit / opts.logit_softcap))
-    if opts.temperature is not None:
-        k = k / opts.temperature
+        k = _numerics.weighted(
+            k, 1 - jnp.square(saved.label_logit / opts.logit_softcap)
+        )
+    k = _numerics.tempered(k, opts.temperature)
     y, owned = ClassAxis(opts.axis_name).owned(
         saved.labels.ids, fwd.vocab_size(w, layout)
     )
@@ -252,7 +259,7 @@ def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
         w_y = jnp.take(w, y, axis=0) if layout.rows else jnp.take(w, y, axis=1).T
         dx = dx - k[:, None] * w_y.astype(cdt)
     if dw is not None:
-        g_rows = -(x.astype(cdt) * k[:, None])  # [N, D]
+        g_rows = -_numerics.weighted(k[:, None], x.astype(cdt))  # [N, D]
         dw = _scatter_add(dw, y, g_rows if layout.rows else g_rows.T, w, layout.rows)
     if db is not None:
         db = _scatter_add(db, y, -k, bias, False)

@@ -35,8 +35,7 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     )
     if bb is not None:
         raw = raw + bb.astype(cdt)
-    if opts.temperature is not None:
-        raw = raw / opts.temperature
+    raw = _numerics.tempered(raw, opts.temperature)
     if opts.logit_softcap is None:
         return raw
     s = opts.logit_softcap
@@ -126,10 +125,9 @@ def logits_gradient(z, zs, p, log_se, hit, c: BlockCoefficients, u, opts):
         d_log_p = _numerics.weighted(p, log_p + c.entropy_value[:, None])
         dz = dz - _stats.softmax_part(c.entropy, d_log_p)
     if opts.logit_softcap is not None:
-        dz = dz * (1 - jnp.square(z / opts.logit_softcap))
-    if opts.temperature is not None:
-        dz = dz / opts.temperature
-    return dz
+        # weighted: an unscored row (dz = 0) stays 0 even where z is NaN
+        dz = _numerics.weighted(dz, 1 - jnp.square(z / opts.logit_softcap))
+    return _numerics.tempered(dz, opts.temperature)  # d(r / T) / dr = 1 / T
 
 
 def accumulate(dx_rows, dw_acc, db_acc, xb, wb, dz, rows: bool, cdt):

@@ -120,11 +120,12 @@ def row_statistics(x, w, bias, labels: Labels, class_weights, opts, layout):
     init = _sharding.varying_like(init, x, w, bias, labels, class_weights)
     per_group = cols.views.per_group
     st, u_local = lay.for_blocks(per_group, layout.vocab_block, vocab_step, init)
-    return _combine_shards(st, u_local, cols.smoothing is not None, opts)
+    return combine_shards(st, u_local, cols.smoothing is not None, opts)
 
 
-def _combine_shards(st: blocks.RowStats, u_local, smoothing: bool, opts):
-    """Each shard's statistics moved to the global shift and summed."""
+def combine_shards(st: blocks.RowStats, u_local, smoothing: bool, opts):
+    """Each shard's statistics moved to the global shift and summed (also
+    used by the Pallas kernels, whose forward pass yields the same ``st``)."""
     classes = ClassAxis(opts.axis_name)
     if opts.axis_name is None:
         return st, u_local if smoothing else None

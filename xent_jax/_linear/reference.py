@@ -22,8 +22,7 @@ def materialised_logits(x, w, bias, opts):
     logits = jnp.matmul(x.astype(op), w.astype(op), preferred_element_type=cdt)
     if bias is not None:
         logits = logits + bias.astype(cdt)
-    if opts.temperature is not None:
-        logits = logits / opts.temperature
+    logits = _numerics.tempered(logits, opts.temperature)
     softcap = opts.logit_softcap
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
@@ -34,11 +33,19 @@ def materialised_logits(x, w, bias, opts):
 def linear_reference(x, w, bias, labels: Labels, class_weights, opts, layout: Layout):
     """Per-example ``(ce, lse)``, with the ``[N, V]`` logits materialised."""
     no_axis_name(opts)
-    logits = materialised_logits(x, w.T if layout.rows else w, bias, opts)
-    keep = None
+    w = w.T if layout.rows else w
+    # Unscored rows of x and padding columns are not part of the loss: kept
+    # out of the matmul, so that nothing non-finite there reaches a gradient.
+    x = jnp.where(labels.scored[:, None], x, jnp.zeros((), x.dtype))
+    v, keep = w.shape[-1], None
+    if layout.padded:
+        c = opts.num_classes
+        w, bias = w[:, :c], None if bias is None else bias[:c]
+    logits = materialised_logits(x, w, bias, opts)
     if layout.padded:  # padding columns leave the softmax and the smoothing
-        real = jnp.arange(logits.shape[-1]) < opts.num_classes
-        keep = jnp.broadcast_to(real, logits.shape)
+        pad = jnp.full((logits.shape[0], v - c), -jnp.inf, logits.dtype)
+        logits = jnp.concatenate([logits, pad], axis=-1)
+        keep = jnp.broadcast_to(jnp.arange(v) < c, logits.shape)
     inputs = Inputs(logits, labels, keep, class_weights, labels.scored)
     # The logits are already tempered and capped.
     return softmax_reference(inputs, dataclasses.replace(opts, temperature=None))

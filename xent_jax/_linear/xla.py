@@ -35,44 +35,52 @@ def linear_xla(x, w, bias, labels: Labels, class_weights, opts, layout: Layout):
     return _kernel(x, w, bias, labels, class_weights, opts, layout)
 
 
-def _forward(x, w, bias, labels, class_weights, opts, layout):
-    st, u_total = fwd.row_statistics(x, w, bias, labels, class_weights, opts, layout)
-    cdt = fwd.compute_dtype(x, w)
-    out, shift, log_se = fwd.outputs(st, u_total, labels, class_weights, opts, cdt)
-    return out, shift, log_se, st.label_logit
+def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
+    """The fused loss as a ``custom_vjp`` around its two streaming loops:
+    ``row_statistics`` (forward: ``forward.row_statistics``'s contract) and
+    ``vocab_loop`` (backward: ``backward._vocab_loop``'s; ``None``: the XLA
+    loop). Everything else (shard combination, outputs, coefficients, the
+    class-weight gradient, the filter's label term) is shared; the Pallas
+    kernels (``pallas_tpu``, ``pallas_triton``) pass their own two loops."""
+
+    def forward(x, w, bias, labels, class_weights, opts, layout):
+        st, u_total = row_statistics(x, w, bias, labels, class_weights, opts, layout)
+        cdt = fwd.compute_dtype(x, w)
+        out, shift, log_se = fwd.outputs(st, u_total, labels, class_weights, opts, cdt)
+        return out, shift, log_se, st.label_logit
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+    def kernel(x, w, bias, labels, class_weights, opts, layout) -> KernelOut:
+        return forward(x, w, bias, labels, class_weights, opts, layout)[0]
+
+    def kernel_fwd(x, w, bias, labels, class_weights, opts, layout):
+        needs = backward.Needs(
+            x.perturbed,
+            w.perturbed,
+            bias is not None and bias.perturbed,
+            class_weights is not None and class_weights.perturbed,
+        )
+        x, w, bias, labels, class_weights = jax.tree.map(
+            lambda a: a.value, (x, w, bias, labels, class_weights)
+        )
+        out, shift, log_se, label_logit = forward(
+            x, w, bias, labels, class_weights, opts, layout
+        )
+        saved = backward.Saved(
+            x, w, bias, labels, class_weights, shift, log_se, label_logit, out.entropy
+        )
+        # Which gradients are needed is static: it travels as the residuals'
+        # structure (an empty array where needed, None where not).
+        flags = tuple(jnp.zeros((0,)) if need else None for need in needs)
+        return out, (saved, flags)
+
+    def kernel_bwd(opts, layout, residual, cotangents):
+        saved, flags = residual
+        needs = backward.Needs(*(f is not None for f in flags))
+        return backward.gradients(saved, cotangents, needs, opts, layout, vocab_loop)
+
+    kernel.defvjp(kernel_fwd, kernel_bwd, symbolic_zeros=True)
+    return kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _kernel(x, w, bias, labels, class_weights, opts, layout) -> KernelOut:
-    return _forward(x, w, bias, labels, class_weights, opts, layout)[0]
-
-
-def _kernel_fwd(x, w, bias, labels, class_weights, opts, layout):
-    needs = backward.Needs(
-        x.perturbed,
-        w.perturbed,
-        bias is not None and bias.perturbed,
-        class_weights is not None and class_weights.perturbed,
-    )
-    x, w, bias, labels, class_weights = jax.tree.map(
-        lambda a: a.value, (x, w, bias, labels, class_weights)
-    )
-    out, shift, log_se, label_logit = _forward(
-        x, w, bias, labels, class_weights, opts, layout
-    )
-    saved = backward.Saved(
-        x, w, bias, labels, class_weights, shift, log_se, label_logit, out.entropy
-    )
-    # Which gradients are needed is static: it travels as the residuals'
-    # structure (an empty array where needed, None where not).
-    flags = tuple(jnp.zeros((0,)) if need else None for need in needs)
-    return out, (saved, flags)
-
-
-def _kernel_bwd(opts, layout, residual, cotangents):
-    saved, flags = residual
-    needs = backward.Needs(*(f is not None for f in flags))
-    return backward.gradients(saved, cotangents, needs, opts, layout)
-
-
-_kernel.defvjp(_kernel_fwd, _kernel_bwd, symbolic_zeros=True)
+_kernel = fused_kernel()
