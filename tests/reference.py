@@ -462,8 +462,8 @@ def linear_xent_terms(
 ):
     """:class:`Terms` of the integer cross-entropy on ``cap(x @ w + bias)``.
 
-    Columns ``>= num_classes`` are padding: masked out of the softmax (and of
-    the smoothing), and labels there are out of range. The rows of ``x`` of
+    Columns ``>= num_classes`` are padding: not part of the function (their
+    logits are never computed), and labels there are out of range. The rows of ``x`` of
     unscored examples are replaced by zeros before the matmul (double-where),
     so that nothing non-finite there reaches any gradient.
     """
@@ -473,7 +473,12 @@ def linear_xent_terms(
     num_classes = v if num_classes is None else int(num_classes)
     is_class, _, _ = label_status(labels, num_classes, ignore_index)
     x = jnp.where(is_class[..., None], x, jnp.zeros((), x.dtype))
-    z = linear_logits(x, w, bias, logit_softcap)
+    # Padding columns are not part of the function: computed from the real
+    # columns only (so that nothing in them reaches a gradient), then -inf.
+    real = None if bias is None else jnp.asarray(bias)[:num_classes]
+    z = linear_logits(x, w[..., :num_classes], real, logit_softcap)
+    pad = jnp.full(z.shape[:-1] + (v - num_classes,), -jnp.inf, z.dtype)
+    z = jnp.concatenate([z, pad], axis=-1)
     keep = jnp.broadcast_to(jnp.arange(v) < num_classes, z.shape)
     return _integer_terms(
         z,

@@ -12,10 +12,12 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def weighted(t: jax.Array, v: jax.Array) -> jax.Array:
-    """``t * v`` where a zero weight contributes 0, even at ``v = ±inf``
-    (``0 log 0 = 0``: a class or label without target mass). Written so
-    that its derivatives are finite there too (no ``0 * inf`` in autodiff)."""
-    return t * jnp.where(t == 0, 0, v)
+    """``t * v`` where a zero weight contributes 0, even at ``v = ±inf`` or
+    NaN (``0 log 0 = 0``: a class or label without target mass). Written so
+    that its derivatives are finite there too (no ``0 * inf`` in autodiff),
+    while ``d/dt = v`` at ``t = 0`` wherever ``v`` is finite (a target that is
+    exactly 0 still has a gradient)."""
+    return t * jnp.where((t == 0) & ~jnp.isfinite(v), 0, v)
 
 
 def sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
