@@ -3,14 +3,23 @@
 Each notebook executes in memory in a fresh ipykernel on this interpreter (see
 ``examples/render_figures.py``), with a temporary working directory and without
 ``XENT_WRITE_FIGURES``, so nothing is written into ``examples/``.
+
+A notebook that passes is saved with its outputs to ``build/docs/notebooks/``
+(ignored by git), stamped with the SHA-256 of its source: the documentation
+build (``docs/conf.py``) renders those copies with execution off, so each
+notebook runs once per CI run.
 """
 
+import hashlib
 import importlib.util
+import os
 import pathlib
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+REPO = pathlib.Path(__file__).parents[1]
+EXAMPLES = REPO / "examples"
+EXECUTED = REPO / "build" / "docs" / "notebooks"
 NOTEBOOKS = sorted(EXAMPLES.glob("[0-9][0-9]_*.ipynb"))
 # Each runs in well under a minute alone; the margin is for a busy `pytest -n auto`.
 TIMEOUT_S = 300
@@ -52,6 +61,19 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert not errors, errors
     assert _listing() == before, "notebook wrote into examples/"
     assert not list(tmp_path.iterdir()), "notebook wrote files without being asked"
+    _save_for_docs(notebook, path)
+
+
+def _save_for_docs(notebook, path):
+    """Writes the executed notebook where the docs build looks for it."""
+    import nbformat
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    notebook.metadata["xent_jax"] = {"source_sha256": digest}
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    partial = EXECUTED / f".{path.name}.{os.getpid()}.partial"
+    nbformat.write(notebook, partial)
+    partial.replace(EXECUTED / path.name)
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -5,6 +5,7 @@ per-example outputs), with PyTorch's options as keyword-only extras and
 closed-form ``jax.custom_vjp`` gradients.
 """
 
+from xent_jax._aux import Aux as Aux
 from xent_jax._extras import kl_divergence as kl_divergence
 from xent_jax._extras import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -23,9 +24,10 @@ from xent_jax._softmax.api import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Aux",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
