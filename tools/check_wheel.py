@@ -34,7 +34,16 @@ import zipfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Development tools that must not come with the wheel.
-NOT_RUNTIME = ("optax", "pytest", "sphinx", "hypothesis", "matplotlib", "ruff")
+NOT_RUNTIME = (
+    "optax",
+    "pytest",
+    "sphinx",
+    "hypothesis",
+    "matplotlib",
+    "ruff",
+    "flax",
+    "equinox",
+)
 
 SMOKE = r"""
 import importlib.metadata
