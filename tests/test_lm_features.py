@@ -81,6 +81,7 @@ def test_core_aux_metrics(impl):
     np.testing.assert_array_equal(aux.correct, correct)
     assert aux.correct[1, 3]
     _close(aux.entropy, entropy)
+    np.testing.assert_array_equal(aux.scored, y != IGNORE)
     _close(loss, _core(impl)(z, y, ignore_index=IGNORE))
 
 
@@ -97,6 +98,7 @@ def test_fused_aux_metrics(impl, w_layout):
     np.testing.assert_array_equal(aux.argmax, argmax)
     np.testing.assert_array_equal(aux.correct, correct)
     _close(aux.entropy, entropy)
+    np.testing.assert_array_equal(aux.scored, y != IGNORE)
 
 
 def test_argmax_ties_and_nan_as_jnp_argmax():

@@ -22,6 +22,7 @@ from hand-computed numbers. The classes:
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,22 @@ def test_class01_64_bit_label_dtypes(dtype):
             ICE(x, bad)
         out = jax.jit(ICE)(x, bad)
         assert np.isnan(out[0]) and np.isclose(out[1], math.log(7))
+
+
+def test_class01_int64_labels_without_x64_documented_truncation():
+    """docs/semantics.md ("What the package cannot see"): with x64 off, a
+    NumPy int64 label of 2**32 + 1 raises outside ``jit`` (the loss sees the
+    real value) and arrives as class 1 inside ``jit``, which JAX truncates to
+    int32 at the boundary before the loss can see it."""
+    assert not jax.config.jax_enable_x64
+    x = _logits((1, 7))
+    y = np.array([2**32 + 1], np.int64)
+    with pytest.raises(ValueError, match="out of range"):
+        ICE(x, y)
+    with warnings.catch_warnings():  # JAX may warn that it truncates
+        warnings.simplefilter("ignore")
+        out = jax.jit(ICE)(x, y)
+    _close(out, ICE(x, np.array([1], np.int32)))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

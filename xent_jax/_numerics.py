@@ -34,3 +34,15 @@ def tempered(v: jax.Array, temperature: float | None) -> jax.Array:
     """Logits (or a statistic linear in them, such as their max) divided by
     the temperature."""
     return v if temperature is None else v / temperature
+
+
+def is_zero(g) -> bool:
+    """A cotangent that ``custom_vjp(symbolic_zeros=True)`` passes as zero."""
+    return g is None or isinstance(g, jax.custom_derivatives.SymbolicZero)
+
+
+def materialised(g, like: jax.Array) -> jax.Array:
+    """A cotangent in ``like``'s dtype, a symbolic zero made an actual zero."""
+    if is_zero(g):
+        return jnp.zeros(like.shape, like.dtype)
+    return g.astype(like.dtype)

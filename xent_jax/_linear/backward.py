@@ -61,19 +61,8 @@ class Coefficients(NamedTuple):
     entropy: jax.Array | None  # g_H on scored examples, 0 elsewhere
 
 
-def _is_zero(g) -> bool:
-    return g is None or isinstance(g, jax.custom_derivatives.SymbolicZero)
-
-
-def _materialised(g, like):
-    """A cotangent, with JAX's symbolic zero made an actual zero."""
-    if _is_zero(g):
-        return jnp.zeros(like.shape, like.dtype)
-    return g.astype(like.dtype)
-
-
 def coefficients(saved: Saved, cotangents, opts, layout, cdt) -> Coefficients:
-    g_ce, g_lse = (_materialised(g, saved.log_se) for g in cotangents[:2])
+    g_ce, g_lse = (_numerics.materialised(g, saved.log_se) for g in cotangents[:2])
     a = opts.label_smoothing
     w_y = fwd.label_weights(saved.labels, saved.class_weights, opts, cdt)
     sum_t = (1 - a) * w_y
@@ -85,7 +74,7 @@ def coefficients(saved: Saved, cotangents, opts, layout, cdt) -> Coefficients:
     coef, label = _stats.logit_coefficients(g_ce, g_lse, sum_t, scored)
     smoothing = label * (a / opts.num_classes) if a else None
     g_h = None
-    if saved.entropy is not None and not _is_zero(cotangents.entropy):
+    if saved.entropy is not None and not _numerics.is_zero(cotangents.entropy):
         g_h = jnp.where(scored, cotangents.entropy.astype(saved.log_se.dtype), 0)
     return Coefficients(coef, label * (1 - a) * w_y, smoothing, label, g_h)
 

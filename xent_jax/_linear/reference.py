@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from xent_jax import _numerics, _registry
@@ -35,13 +36,19 @@ def linear_reference(x, w, bias, labels: Labels, class_weights, opts, layout: La
     no_axis_name(opts)
     w = w.T if layout.rows else w
     # Unscored rows of x and padding columns are not part of the loss: kept
-    # out of the matmul, so that nothing non-finite there reaches a gradient.
-    x = jnp.where(labels.scored[:, None], x, jnp.zeros((), x.dtype))
+    # out of the differentiated matmul, so that nothing non-finite there
+    # reaches a gradient; unscored rows keep their logits' values (for aux).
+    scored = labels.scored[:, None]
     v, keep = w.shape[-1], None
     if layout.padded:
         c = opts.num_classes
         w, bias = w[:, :c], None if bias is None else bias[:c]
-    logits = materialised_logits(x, w, bias, opts)
+    x_scored = jnp.where(scored, x, jnp.zeros((), x.dtype))
+    logits = jnp.where(
+        scored,
+        materialised_logits(x_scored, w, bias, opts),
+        jax.lax.stop_gradient(materialised_logits(x, w, bias, opts)),
+    )
     if layout.padded:  # padding columns leave the softmax and the smoothing
         pad = jnp.full((logits.shape[0], v - c), -jnp.inf, logits.dtype)
         logits = jnp.concatenate([logits, pad], axis=-1)

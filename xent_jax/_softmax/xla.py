@@ -149,12 +149,12 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     saved, p, shift, log_se, sum_t, label_nll, entropy = residual
     x_dtype = p.dtype  # the softmax is saved in the logits' dtype
     dtype = _numerics.compute_dtype(x_dtype)
-    g_ce, g_lse = (_materialised(g, sum_t) for g in cotangents[:2])
+    g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
     coef, label_coef = _stats.logit_coefficients(g_ce, g_lse, sum_t, saved.scored)
     pf = p.astype(dtype)
     d_x = _stats.softmax_part(coef, pf)
     d_x = d_x - label_coef[..., None] * tg.targets(saved, opts, dtype, p.shape)
-    if entropy is not None and not _is_zero(cotangents.entropy):
+    if entropy is not None and not _numerics.is_zero(cotangents.entropy):
         # dH/dx = -p (log p + H).
         g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
         d_log_p = _numerics.weighted(pf, jnp.log(pf) + entropy[..., None])
@@ -174,17 +174,6 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     if not opts.integer:
         d_inputs = d_inputs._replace(labels=d_labels)
     return (d_inputs,)
-
-
-def _is_zero(g) -> bool:
-    return g is None or isinstance(g, jax.custom_derivatives.SymbolicZero)
-
-
-def _materialised(g, like):
-    """A cotangent, with JAX's symbolic zero made an actual zero."""
-    if _is_zero(g):
-        return jnp.zeros(like.shape, like.dtype)
-    return g.astype(like.dtype)
 
 
 def _distance(saved: Inputs, opts, shift, log_se):
