@@ -96,6 +96,8 @@ def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=N
         dcw = _class_weights_grad(saved, coefs, dcw, opts, cdt)
     if filtering:
         dx, dw, db = _label_term(saved, coefs.onehot, (dx, dw, db), opts, layout, cdt)
+    if db is not None:
+        db = db.astype(saved.bias.dtype)
     if dx is not None:
         # Under axis_name each shard holds its part of dx. As for `x @ w` with w
         # split over the axis, JAX sums the parts where x's type asks for it
@@ -178,7 +180,9 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
     init = (
         _zeros(needs.x, lambda: ((n, d), cdt), x, w, bias, saved.labels, coefs),
         _zeros(needs.w, lambda: (vw.w.shape, w.dtype), w),
-        _zeros(needs.bias, lambda: (vw.bias.shape, bias.dtype), bias),
+        # db in float32 until the end: the filter's label term is added after
+        # the loop, and in 16 bits the two parts' rounding would not cancel
+        _zeros(needs.bias, lambda: (vw.bias.shape, cdt), bias),
         _zeros(
             needs.class_weights and coefs.smoothing is not None,
             lambda: (cols.smoothing.shape, cdt),
@@ -261,9 +265,27 @@ def _scatter_add(grad, columns, update, primal, rows: bool):
     the data axes that ``primal`` is replicated over (see
     ``_sharding.match_varying``): then through a ``grad``-sized buffer, since
     each device scatters to other columns."""
+    if _numerics.compute_dtype(grad.dtype) != grad.dtype:
+        columns, update = _merged_by_column(columns, update, 0 if rows else -1)
     update = update.astype(grad.dtype)
     at = (columns,) if rows else (..., columns)
     if not _sharding.extra_varying(update, primal):
         return grad.at[at].add(update)
     scattered = jnp.zeros(grad.shape, grad.dtype).at[at].add(update)
     return grad + _sharding.match_varying(scattered, primal)
+
+
+def _merged_by_column(columns, update, axis: int):
+    """``(columns, update)`` with the updates of equal columns summed in
+    ``update``'s (float32) dtype first, so that a 16-bit gradient takes one
+    rounding per column rather than one per example (a frequent label's
+    column summed in bfloat16 loses its value). Each column then appears
+    once; the spare entries add 0 to column 0."""
+    order = jnp.argsort(columns)
+    ordered = columns[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    segment = jnp.cumsum(starts) - 1
+    parts = jnp.moveaxis(jnp.take(update, order, axis=axis), axis, 0)
+    sums = jax.ops.segment_sum(parts, segment, num_segments=columns.shape[0])
+    merged = jnp.zeros_like(columns).at[segment].set(ordered)
+    return merged, jnp.moveaxis(sums, 0, axis)

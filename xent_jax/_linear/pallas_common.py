@@ -211,12 +211,13 @@ def row_fields(saved, coefs, filtering: bool, cdt) -> dict:
 def finish_backward(saved, dx, dw, db, dcw):
     """Gradients as ``backward._vocab_loop`` returns them: ``dw``, ``db``,
     ``dcw`` summed over the data axes their primal is replicated over (as the
-    XLA loop's ``_put_block``), in their primal's dtype (``dcw`` in f32)."""
+    XLA loop's ``_put_block``), ``dw`` in its primal's dtype (``db``, ``dcw``
+    in f32)."""
     if dw is not None:
         dw = _sharding.match_varying(dw, saved.w).astype(saved.w.dtype)
     if db is not None:
+        # (float32: backward.gradients casts it after the filter's label term)
         db = _sharding.match_varying(db.reshape(-1), saved.bias)
-        db = db.astype(saved.bias.dtype)
     if dcw is not None:
         dcw = _sharding.match_varying(dcw.reshape(-1), saved.class_weights)
     return dx, dw, db, dcw
