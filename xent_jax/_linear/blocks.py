@@ -18,6 +18,30 @@ import jax.numpy as jnp
 from xent_jax import _numerics, _stats
 from xent_jax._options import SoftmaxOptions
 
+# Whether 16-bit blocks are cast to float32 before the matmuls on CPU (see
+# `dot`); a switch so that a benchmark can time both in one process.
+UPCAST_ON_CPU = True
+
+
+def dot(a, b, contract, cdt):
+    """``a . b`` contracting ``contract`` with ``cdt`` accumulation. 16-bit
+    operands go to the matmul as they are, except on CPU, where XLA's 16-bit
+    GEMM runs far below its float32 rate (no bfloat16 instructions on AVX2
+    machines; measured in ``benchmarks/bench_linear.py``'s GEMM table): there
+    the blocks are cast to ``cdt`` first (block-sized, never all of ``w``)."""
+
+    def native(a, b):
+        dims = (contract, ((), ()))
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=cdt)
+
+    if not UPCAST_ON_CPU or (a.dtype == cdt and b.dtype == cdt):
+        return native(a, b)
+
+    def cpu(a, b):
+        return native(a.astype(cdt), b.astype(cdt))
+
+    return jax.lax.platform_dependent(a, b, cpu=cpu, default=native)
+
 
 def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     """The logits of a block: ``cap((xb @ wb + bb) / T)`` for ``xb`` [nt, D],
@@ -27,12 +51,7 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     16-bit inputs) accumulation; only the block is ever cast.
     """
     op = jnp.promote_types(xb.dtype, wb.dtype)
-    raw = jax.lax.dot_general(
-        xb.astype(op),
-        wb.astype(op),
-        (((1,), (1 if rows else 0,)), ((), ())),
-        preferred_element_type=cdt,
-    )
+    raw = dot(xb.astype(op), wb.astype(op), ((1,), (1 if rows else 0,)), cdt)
     if bb is not None:
         raw = raw + bb.astype(cdt)
     raw = _numerics.tempered(raw, opts.temperature)
@@ -140,17 +159,10 @@ def accumulate(dx_rows, dw_acc, db_acc, xb, wb, dz, rows: bool, cdt):
     op = jnp.promote_types(xb.dtype, wb.dtype)
     dzo = dz.astype(op)
     if dx_rows is not None:
-        dx_rows = dx_rows + jax.lax.dot_general(
-            dzo,
-            wb.astype(op),
-            (((1,), (0 if rows else 1,)), ((), ())),
-            preferred_element_type=cdt,
-        )
+        dx_rows = dx_rows + dot(dzo, wb.astype(op), ((1,), (0 if rows else 1,)), cdt)
     if dw_acc is not None:
         lhs, rhs = (dzo, xb.astype(op)) if rows else (xb.astype(op), dzo)
-        dw_acc = dw_acc + jax.lax.dot_general(
-            lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=cdt
-        )
+        dw_acc = dw_acc + dot(lhs, rhs, ((0,), (0,)), cdt)
     if db_acc is not None:
         db_acc = db_acc + jnp.sum(dz, axis=0)
     return dx_rows, dw_acc, db_acc
