@@ -99,3 +99,22 @@ def check_value_and_vjp(
         assert g.shape == g_r.shape
         assert_close(g, g_r, dtype)
     return out, grads
+
+
+def value_and_vjps(f, args, argnums, ct, jit=True):
+    """``f(*args)`` and its VJPs at ``ct`` w.r.t. ``args[i]``, i in
+    ``argnums`` (one program; the other arguments, integer labels say, are
+    passed through)."""
+    argnums = tuple(argnums)
+
+    def run(ct, *args):
+        def g(*diff):
+            full = list(args)
+            for i, d in zip(argnums, diff, strict=True):
+                full[i] = d
+            return f(*full)
+
+        out, vjp = jax.vjp(g, *(args[i] for i in argnums))
+        return out, vjp(ct.astype(out.dtype))
+
+    return (jax.jit(run) if jit else run)(ct, *args)

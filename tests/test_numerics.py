@@ -1,15 +1,19 @@
-"""Numerics: dtypes, -inf masks, extreme logits, NaN isolation, residuals, memory."""
+"""Numerics: dtypes, -inf masks, extreme logits, NaN isolation, residuals, memory.
+
+Every check runs on each op x implementation of ``tests/ops.py`` that has the
+capabilities it needs; the fused loss sees the logits as ``x`` with ``w = I``
+(whole ``-inf`` classes in the bias), so it is held to the same numbers.
+"""
 
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ops
 import optax
 import pytest
-import reference as ref
 from core_helpers import (
-    IMPLS,
     assert_close,
     cotangent_like,
     float64,
@@ -18,6 +22,7 @@ from core_helpers import (
     soft_labels,
 )
 from jax.ad_checkpoint import print_saved_residuals
+from ops import IGNORE
 
 import xent_jax as xj
 
@@ -25,109 +30,75 @@ N, C = 6, 16
 LOW = [jnp.float16, jnp.bfloat16]
 
 
+# Values and VJPs w.r.t. the logits, compiled once per op, options and shapes
+# for all the tests: most checks share one program per op (_std's options).
+value_vjp = ops.value_and_vjp
+
+
+def _std(op):
+    return op.every_option(C)
+
+
+def _ct(op, shape):
+    """A random cotangent for ``op``'s per-example losses on ``shape`` logits."""
+    return cotangent_like(jnp.zeros(op.out_shape(shape)))
+
+
 # --- dtypes -------------------------------------------------------------------
 
 
-def _dtype_inputs(dtype):
-    x = logits((N, C), dtype=dtype)
-    return x, int_labels((N,), C), soft_labels((N, C))
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize(composite=True)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("kind", ["integer", "soft", "bce"])
-def test_dtype_contract_and_accuracy(impl, dtype, kind):
-    x, y, t = _dtype_inputs(dtype)
-    x32 = x.astype(jnp.float32)  # the quantised input, computed exactly in f32
-    kw = dict(implementation=impl)
-    if kind == "integer":
-        kw.update(label_smoothing=0.1, z_loss=0.01)
-
-        def f(v):
-            return xj.softmax_cross_entropy_with_integer_labels(v, y, **kw)
-
-        def fr(v):
-            return ref.integer_xent(v, y, label_smoothing=0.1, z_loss=0.01)
-    elif kind == "soft":
-
-        def f(v):
-            return xj.softmax_cross_entropy(v, t.astype(dtype), **kw)
-
-        def fr(v):
-            return ref.soft_xent(v, t.astype(dtype).astype(jnp.float32))
-    else:
-
-        def f(v):
-            return xj.sigmoid_binary_cross_entropy(v, t.astype(dtype), **kw)
-
-        def fr(v):
-            return ref.bce(v, t.astype(dtype).astype(jnp.float32))
-
-    out, vjp = jax.vjp(f, x)
+def test_dtype_contract_and_accuracy(op, dtype):
+    x = logits((N, C), dtype=dtype)
+    y = op.labels((N,), C, dtype=dtype)  # float labels in the logits' dtype
+    y32 = y.astype(jnp.float32) if op.has("label_grad") else y
+    kw = _std(op)
+    ct = _ct(op, x.shape)
+    out, g = value_vjp(op, x, y, ct, **kw)
+    # The quantised input, computed exactly in float32.
+    out_r, g_r = value_vjp(op, x.astype(jnp.float32), y32, ct, ref=True, **kw)
     assert out.dtype == jnp.float32  # 16-bit losses come back in float32
-    out_r, vjp_r = jax.vjp(fr, x32)
+    assert g.dtype == x.dtype  # gradient in the logits' dtype
     # Computed in float32: the loss is not on the 16-bit grid.
     assert_close(out, out_r, rtol=1e-5, atol=1e-5)
-    ct = cotangent_like(out)
-    (g,) = vjp(ct)
-    (g_r,) = vjp_r(ct)
-    assert g.dtype == x.dtype  # gradient in the logits' dtype
     assert_close(g, g_r, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_float64(impl):
+@ops.parametrize("float64")
+def test_float64(op):
     with float64():
         x = logits((N, C), dtype=jnp.float64)
-        y = int_labels((N,), C)
-        out, g = jax.jit(
-            jax.value_and_grad(
-                lambda v: xj.softmax_cross_entropy_with_integer_labels(
-                    v, y, reduction="mean", label_smoothing=0.1, implementation=impl
-                )
-            )
-        )(x)
-        out_r, g_r = jax.jit(
-            jax.value_and_grad(
-                lambda v: ref.integer_xent(v, y, label_smoothing=0.1).mean()
-            )
-        )(x)
+        y = op.labels((N,), C, dtype=jnp.float64)
+        kw = op.options(label_smoothing=0.1)
+        out, g = value_vjp(op, x, y, reduction="mean", **kw)
+        out_r, g_r = value_vjp(op, x, y, reduction="mean", ref=True, **kw)
         assert out.dtype == jnp.float64 and g.dtype == jnp.float64
+        assert jax.eval_shape(op, x, y).dtype == jnp.float64
         assert_close(out, out_r, jnp.float64)
         assert_close(g, g_r, jnp.float64)
-        b = xj.sigmoid_binary_cross_entropy(
-            x, jnp.full_like(x, 0.3), implementation=impl
-        )
-        assert b.dtype == jnp.float64
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize("softmax")
 @pytest.mark.parametrize("dtype", LOW)
-def test_low_precision_loss_not_quantised(impl, dtype):
+def test_low_precision_loss_not_quantised(op, dtype):
     # A loss around 36 sits on a 0.25-wide bfloat16 grid; ours must not.
     x = jnp.zeros((1, 8), dtype).at[0, 0].set(36.0)
-    out = xj.softmax_cross_entropy_with_integer_labels(
-        x, jnp.array([3]), implementation=impl
-    )
+    out = op(x, op.hard(jnp.array([3]), 8))
     expected = float(jax.nn.logsumexp(x.astype(jnp.float32)[0]))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out[0], expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize("integer_labels")
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
-def test_labels_above_2048(impl, dtype):
+def test_labels_above_2048(op, dtype):
     # Integer labels are never cast to the logits' dtype.
-    x = logits((2, 3000), dtype=dtype)
-    y = jnp.array([2049, 2999])
-    out = xj.softmax_cross_entropy_with_integer_labels(x, y, implementation=impl)
-    expected = ref.integer_xent(x.astype(jnp.float32), y)
+    args = op.random_inputs(2, 3000, dtype, d=8) | dict(labels=jnp.array([2049, 2999]))
+    out = jax.jit(op.raw)(args)
+    args32 = {k: v.astype(jnp.float32) if k != "labels" else v for k, v in args.items()}
+    expected = ops.jitted_ref(op.kind)(args32)
     assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def _vjp_apply(f, x, ct):
-    out, vjp = jax.vjp(f, x)
-    return out, vjp(ct)
 
 
 # --- -inf logits: partly / mostly / fully masked rows x used / ignored --------
@@ -149,18 +120,16 @@ def _neg_inf_grid():
     return jnp.asarray(x), jnp.asarray(y), finite_rows
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize("ignore_index", "row_neg_inf")
 @pytest.mark.parametrize("transform", ["eager", "jit", "vmap"])
-def test_neg_inf_grid_integer(impl, transform):
+def test_neg_inf_grid_integer(op, transform):
     x, y, ok = _neg_inf_grid()
     # Drop the unspecified case (used row of all -inf) from the batch.
     x, y = x[ok], y[ok]
     kw = dict(ignore_index=-100, class_weights=jnp.linspace(0.5, 2.0, C), z_loss=0.01)
 
     def f(v, lab):
-        return xj.softmax_cross_entropy_with_integer_labels(
-            v, lab, implementation=impl, **kw
-        )
+        return op(v, lab, **kw)
 
     if transform == "jit":
         f = jax.jit(f)
@@ -171,67 +140,79 @@ def test_neg_inf_grid_integer(impl, transform):
     out, vjp = jax.vjp(lambda v: f(v, y), x)
     (g,) = vjp(ct)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(g)), (out, g)
-    out_r, (g_r,) = jax.jit(
-        lambda v: _vjp_apply(lambda a: ref.integer_xent(a, y, **kw), v, ct)
-    )(x)
+    out_r, g_r = value_vjp(op, x, y, ct, ref=True, **kw)
     assert_close(out, out_r)
     assert_close(g, g_r)
     assert np.all(np.asarray(g)[np.asarray(y) == -100] == 0)
     # Mean over used rows, gradient too.
-    mean, gm = jax.value_and_grad(
-        lambda v: xj.softmax_cross_entropy_with_integer_labels(
-            v, y, reduction="mean", implementation=impl, **kw
-        )
-    )(x)
+    mean, gm = value_vjp(op, x, y, reduction="mean", **kw)
     assert np.isfinite(mean) and np.all(np.isfinite(gm))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize("where")
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_neg_inf_grid_with_where_mask(impl, smoothing):
+def test_neg_inf_grid_with_where_mask(op, smoothing):
     # -inf logits excluded by `where`: smoothing spreads over kept classes only,
     # and the fully masked row (all -inf, nothing kept) gives loss 0, grad 0.
+    # Soft labels with no mass on -inf classes need no mask (rows 0-5).
     x, y, _ = _neg_inf_grid()
     keep = jnp.isfinite(x)
-    kw = dict(ignore_index=-100, label_smoothing=smoothing)
+    kw = dict(label_smoothing=smoothing, **op.options(ignore_index=-100))
+    masks = [(keep, slice(None))]
+    if op.has("soft_labels"):
+        t = jnp.where(keep, soft_labels((8, C)), 0.0)
+        y = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
+        if smoothing == 0:
+            masks.append((None, slice(0, 6)))
+    wrt_labels = op.has("label_grad")
+    for where, rows in masks:
+        xr, yr = x[rows], y[rows]
+        ct = cotangent_like(jnp.zeros(yr.shape[:1]))
+        kwr = kw | dict(where=where, wrt_labels=wrt_labels)
+        out, grads = value_vjp(op, xr, yr, ct, **kwr)
+        out_r, grads_r = value_vjp(op, xr, yr, ct, ref=True, **kwr)
+        g, g_r = (grads[0], grads_r[0]) if wrt_labels else (grads, grads_r)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(g))
+        assert_close(out, out_r)
+        assert_close(g, g_r)
+        if wrt_labels:
+            # The labels' gradient at a -inf logit no mask drops is not
+            # compared: lse - x_c = inf for "xla", 0 for the references.
+            kept = jnp.isfinite(xr) | (where is not None)
+            assert np.all(np.isfinite(grads[1][kept]))
+            assert_close(grads[1][kept], grads_r[1][kept])
+        if where is not None:
+            assert out[6] == 0 and np.all(np.asarray(g)[6] == 0)
 
-    def f(v):
-        return xj.softmax_cross_entropy_with_integer_labels(
-            v, y, where=keep, implementation=impl, **kw
-        )
 
-    ct = cotangent_like(jnp.zeros(y.shape))
-    out, vjp = jax.jit(lambda v: jax.vjp(f, v))(x)
-    (g,) = vjp(ct)
-    assert np.all(np.isfinite(out)) and np.all(np.isfinite(g))
-    out_r, (g_r,) = jax.jit(
-        lambda v: _vjp_apply(lambda a: ref.integer_xent(a, y, where=keep, **kw), v, ct)
-    )(x)
+@ops.parametrize("softmax")
+def test_neg_inf_masked_classes(op):
+    # Classes that are -inf in every row (a masked vocabulary; the fused
+    # loss's bias): finite losses and gradients, none on the masked classes.
+    x = logits((N, C)).at[:, jnp.array([2, 7, 8])].set(-jnp.inf)
+    y = jnp.array([0, 3, 5, 9, 15, 1])
+    if op.has("soft_labels"):
+        y = jnp.where(jnp.isfinite(x), soft_labels((N, C)), 0.0)
+    else:
+        y = op.hard(y, C)
+    kw = op.options(class_weights=jnp.linspace(0.5, 2.0, C), z_loss=0.01)
+    if op.has("ignore_index"):
+        y, kw = y.at[4].set(IGNORE), kw | dict(ignore_index=IGNORE)
+    ct = _ct(op, x.shape)
+    out, g = value_vjp(op, x, y, ct, **kw)
+    out_r, g_r = value_vjp(op, x, y, ct, ref=True, **kw)
+    mean, gm = value_vjp(op, x, y, reduction="mean", **kw)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(g)), (out, g)
     assert_close(out, out_r)
     assert_close(g, g_r)
-    assert out[6] == 0 and np.all(np.asarray(g)[6] == 0)
-    # Soft labels with no mass on -inf classes, with and without the mask.
-    t = jnp.where(keep, soft_labels((8, C)), 0.0)
-    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
-    for where in (keep, None):
-        rows = slice(0, 6) if where is None else slice(None)
-
-        def fs(v, u, where=where):
-            return xj.softmax_cross_entropy(v, u, where=where, implementation=impl)
-
-        val, (gx, gt) = jax.jit(
-            jax.value_and_grad(lambda v, u, fs=fs: fs(v, u).sum(), (0, 1))
-        )(x[rows], t[rows])
-        assert np.isfinite(val) and np.all(np.isfinite(gx))
-        gx_r = jax.grad(
-            lambda v, u=t[rows], where=where: ref.soft_xent(v, u, where=where).sum()
-        )(x[rows])
-        assert_close(gx, gx_r)
+    assert np.all(np.asarray(g)[:, [2, 7, 8]] == 0)
+    assert np.isfinite(mean) and np.all(np.isfinite(gm))
+    assert np.all(np.asarray(gm)[:, [2, 7, 8]] == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@ops.parametrize()
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_extreme_logits(impl, dtype):
+def test_extreme_logits(op, dtype):
     x = np.array(logits((N, C)))
     x[0, :] = 0.0
     x[0, 1] = 1e4  # target far below the max
@@ -239,81 +220,92 @@ def test_extreme_logits(impl, dtype):
     x[1, 3] = 1e4
     x[2, :] = 1e4 * np.sign(x[2])
     x[3, 5] = -1e4
+    x[4] = np.round(x[4] * 8) / 8 + 2.0**20  # a large common offset
     x = jnp.asarray(x, dtype)
-    y = jnp.array([0, 3, 4, 5, 1, 2])
-    x32 = x.astype(jnp.float32)
-    ct = cotangent_like(jnp.zeros((N,)))
-    for kw in (dict(), dict(label_smoothing=0.1, z_loss=1e-4)):
-        out, vjp = jax.vjp(
-            lambda v, kw=kw: xj.softmax_cross_entropy_with_integer_labels(
-                v, y, implementation=impl, **kw
-            ),
-            x,
-        )
-        (g,) = vjp(ct)
+    y = op.hard(jnp.array([0, 3, 4, 5, 1, 2]), C)
+    if op.has("elementwise"):
+        y = jnp.full(x.shape, 0.3)
+    ct = _ct(op, x.shape)
+    for kw in (dict(), _std(op)):
+        out, g = value_vjp(op, x, y, ct, **kw)
+        # The same input in float32 (the reference's shifted coordinates too).
+        out_r, g_r = value_vjp(op, x.astype(jnp.float32), y, ct, ref=True, **kw)
         assert np.all(np.isfinite(out)) and np.all(
             np.isfinite(np.asarray(g, np.float32))
         )
-        out_r, vjp_r = jax.vjp(lambda v, kw=kw: ref.integer_xent(v, y, **kw), x32)
         assert_close(out, out_r, rtol=1e-5, atol=1e-3)
-        assert_close(g, vjp_r(ct)[0], dtype)
-    b, gb = jax.value_and_grad(
-        lambda v: xj.sigmoid_binary_cross_entropy(
-            v, jnp.full(v.shape, 0.3, v.dtype), pos_weight=2.0, implementation=impl
-        ).sum()
-    )(x)
-    assert np.isfinite(b) and np.all(np.isfinite(np.asarray(gb, np.float32)))
+        assert_close(g, g_r, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_nan_logit_poisons_only_its_example(impl):
+@ops.parametrize(pallas=True)
+def test_nan_logit_poisons_only_its_example(op):
+    # A NaN in a scored row makes that row's loss NaN (for the fused loss
+    # the whole row of logits: NaN * 0 is NaN), and only that example's.
     x = logits((N, C)).at[2, 4].set(jnp.nan)
-    y = int_labels((N,), C)
-    t = soft_labels((N, C))
-    ct = cotangent_like(jnp.zeros((N,)))
-    others = np.arange(N) != 2
-    for f, fr in (
-        (
-            lambda v: xj.softmax_cross_entropy_with_integer_labels(
-                v, y, implementation=impl, label_smoothing=0.1
-            ),
-            lambda v: ref.integer_xent(v, y, label_smoothing=0.1),
-        ),
-        (
-            lambda v: xj.softmax_cross_entropy(v, t, implementation=impl),
-            lambda v: ref.soft_xent(v, t),
-        ),
-    ):
-        out, vjp = jax.jit(lambda v, f=f: jax.vjp(f, v))(x)
-        (g,) = vjp(ct)
-        assert np.isnan(out[2])
-        out_r, vjp_r = jax.vjp(fr, x)
-        assert_close(out[others], out_r[others])
-        assert_close(np.asarray(g)[others], np.asarray(vjp_r(ct)[0])[others])
-    bce = xj.sigmoid_binary_cross_entropy(x, t, implementation=impl)
-    assert np.isnan(bce[2, 4]) and np.sum(np.isnan(bce)) == 1
+    y = op.labels((N,), C)
+    kw = _std(op)
+    ct = _ct(op, x.shape)
+    out, g = value_vjp(op, x, y, ct, **kw)
+    out_r, g_r = value_vjp(op, x, y, ct, ref=True, **kw)
+    poisoned = np.zeros(out.shape, bool)
+    poisoned[(2, 4) if op.has("elementwise") else 2] = True
+    np.testing.assert_array_equal(np.isnan(out), poisoned)
+    others = ~poisoned
+    assert_close(out[others], out_r[others])
+    assert_close(np.asarray(g)[others], np.asarray(g_r)[others])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bce_extreme_grid(impl):
+def _unscored_rows(op, **mask):
+    """Rows 1, 3, 4 are not scored (``mask``: how) and hold NaN, +inf and
+    -inf: loss 0 and exactly zero gradient there, the others as the
+    reference."""
+    x = logits((N, C)).at[1, 3].set(jnp.nan).at[3, 0].set(jnp.inf)
+    x = x.at[4].set(-jnp.inf)
+    y = op.labels((N,), C)
+    kw = _std(op) | mask
+    if "ignore_index" in mask:
+        y = y.at[jnp.array([1, 3, 4])].set(mask["ignore_index"])
+    ct = _ct(op, x.shape)
+    out, g = value_vjp(op, x, y, ct, **kw)
+    out_r, g_r = value_vjp(op, x, y, ct, ref=True, **kw)
+    mean, gm = value_vjp(op, x, y, reduction="mean", **kw)
+    mean_r, gm_r = value_vjp(op, x, y, reduction="mean", ref=True, **kw)
+    unscored = np.isin(np.arange(N), [1, 3, 4])
+    assert np.all(np.asarray(out)[unscored] == 0)
+    assert np.all(np.asarray(g)[unscored] == 0)
+    assert np.all(np.asarray(gm)[unscored] == 0)
+    assert_close(out, out_r)
+    assert_close(g, g_r)
+    assert_close(mean, mean_r)
+    assert_close(gm, gm_r)
+
+
+@ops.parametrize("ignore_index", pallas=True)
+def test_ignored_rows_get_exact_zero_gradient(op):
+    _unscored_rows(op, ignore_index=IGNORE)
+
+
+@ops.parametrize("where")
+def test_rows_masked_by_where_get_exact_zero_gradient(op):
+    _unscored_rows(op, where=~np.isin(np.arange(N), [1, 3, 4]))
+
+
+@ops.parametrize("elementwise")
+def test_bce_extreme_grid(op):
     xs = jnp.array([-jnp.inf, -1e4, -120.0, -30.0, 0.0, 30.0, 120.0, 1e4, jnp.inf])
     ys = jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])
     x = jnp.repeat(xs[:, None], 5, axis=1)
     y = jnp.repeat(ys[None, :], 9, axis=0)
-    out = xj.sigmoid_binary_cross_entropy(x, y, implementation=impl)
+    out = op(x, y)
     assert not np.any(np.isnan(out))
     finite_x = np.isfinite(np.asarray(x))
     assert np.all(np.isfinite(np.asarray(out)[finite_x]))
     assert out[0, 0] == 0 and out[-1, -1] == 0  # confident and right
-    g = jax.grad(
-        lambda v: xj.sigmoid_binary_cross_entropy(v, y[1:-1], implementation=impl).sum()
-    )(x[1:-1])
+    g = jax.grad(lambda v: op(v, y[1:-1]).sum())(x[1:-1])
     assert np.all(np.isfinite(g))
     np.testing.assert_allclose(g[3], 0.5 - ys, atol=1e-6)  # x = 0: sigmoid(0) - y
     # pos_weight = 1 changes nothing, even at extreme logits.
-    out1 = xj.sigmoid_binary_cross_entropy(
-        x[1:-1], y[1:-1], pos_weight=jnp.ones(5), implementation=impl
-    )
+    out1 = op(x[1:-1], y[1:-1], pos_weight=jnp.ones(5))
     np.testing.assert_array_equal(out1, out[1:-1])
 
 
@@ -338,44 +330,32 @@ def _computed_residuals(f, x, capsys):
     return lines, out
 
 
-@pytest.mark.parametrize(
-    "kind", ["integer", "integer_all_options", "soft", "soft_where", "bce"]
-)
-def test_forward_saves_at_most_one_logits_sized_residual(kind, capsys):
+# The kernels with their own VJP (not plain autodiff).
+@ops.parametrize(exclude=("forward_mode",))
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_forward_saves_at_most_one_logits_sized_residual(op, options, capsys):
     n, c = 8, 32
     x = logits((n, c))
-    y = int_labels((n,), c).at[0].set(-100)
-    t = soft_labels((n, c))
+    y = op.labels((n,), c)
     keep = jnp.broadcast_to(jnp.arange(c) < 30, (n, c))  # an input, not a residual
-    if kind == "integer":
-
-        def f(v):
-            return xj.softmax_cross_entropy_with_integer_labels(v, y, ignore_index=-100)
-    elif kind == "integer_all_options":
-
-        def f(v):
-            return xj.softmax_cross_entropy_with_integer_labels(
-                v,
-                y,
+    kw = op.options(ignore_index=-100)
+    if op.has("ignore_index"):
+        y = y.at[0].set(-100)
+    if options == "all":
+        kw.update(
+            op.options(
                 where=keep,
-                ignore_index=-100,
                 label_smoothing=0.1,
                 class_weights=jnp.linspace(0.5, 1.5, c),
                 z_loss=1e-3,
-                reduction="mean",
-            )
-    elif kind == "soft":
+                pos_weight=jnp.ones(c),
+            ),
+            reduction="mean",
+        )
+    args = op.inputs(x, y)  # the fused loss's w = I and bias: constants
 
-        def f(v):
-            return xj.softmax_cross_entropy(v, t, label_smoothing=0.1, z_loss=1e-3)
-    elif kind == "soft_where":
-
-        def f(v):
-            return xj.softmax_cross_entropy(v, t, where=keep)
-    else:
-
-        def f(v):
-            return xj.sigmoid_binary_cross_entropy(v, t, pos_weight=jnp.ones(c))
+    def f(v):
+        return op.raw(args | {op.logits_arg: v}, **kw)
 
     lines, shapes = _computed_residuals(f, x, capsys)
     big = [s for s in shapes if int(np.prod(s)) >= n * c]
