@@ -763,6 +763,50 @@ def case_reduction_axis_checks():
     return {"max_abs_error": _close(got, want, "bce global mean")}
 
 
+def case_segments_data_parallel():
+    """reduction="mean_per_segment" with reduction_axis_name: rows (and so
+    their segments) split over "data", the vocabulary over "model" in the fused
+    loss: the mean over all segments of all devices, as on one device, value
+    and gradients (the core loss and the fused one, with shift=1)."""
+    rng = np.random.default_rng(11)
+    b, t, dim, v = 8, 12, 6, 16
+    hid = jnp.asarray(rng.normal(size=(b, t, dim)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(dim, v)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+    lengths = rng.integers(1, 6, size=(b, t))  # runs of equal ids: segments
+    seg = np.cumsum(np.arange(t)[None, :] % lengths == 0, axis=1)
+    seg = jnp.asarray(np.where(rng.random((b, t)) < 0.1, -1, seg), jnp.int32)
+    common = dict(reduction="mean_per_segment", shift=1, segment_ids=seg)
+
+    def fused(h, w, y, s, **kw):
+        return xent_jax.linear_cross_entropy(
+            h, w, y, **(common | dict(segment_ids=s)), **kw
+        )
+
+    def core(h, w, y, s, **kw):
+        kw = common | dict(segment_ids=s) | kw
+        return xent_jax.softmax_cross_entropy_with_integer_labels(h @ w, y, **kw)
+
+    worst = 0.0
+    mesh = _mesh((4, 2))
+    for name, loss, w_spec, kw in (
+        ("fused", fused, P(None, "model"), dict(axis_name="model")),
+        ("core", core, P(), {}),
+    ):
+        want = jax.value_and_grad(loss, argnums=(0, 1))(hid, w, tokens, seg)
+        body = functools.partial(loss, reduction_axis_name="data", **kw)
+        got = jax.jit(
+            jax.shard_map(
+                jax.value_and_grad(body, argnums=(0, 1)),
+                mesh=mesh,
+                in_specs=(P("data"), w_spec, P("data"), P("data")),
+                out_specs=(P(), (P("data"), w_spec)),
+            )
+        )(hid, w, tokens, seg)
+        worst = max(worst, _close(got, want, f"{name} mean_per_segment"))
+    return {"max_abs_error": worst}
+
+
 CASES = {
     name[len("case_") :]: fn
     for name, fn in globals().items()

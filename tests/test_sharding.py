@@ -34,6 +34,7 @@ CASES = (
     "linear_vocab_parallel",
     "label_range",
     "reduction_axis_checks",
+    "segments_data_parallel",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 
