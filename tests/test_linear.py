@@ -667,3 +667,17 @@ def test_filtered_bfloat16_gradients_are_as_accurate_as_unfiltered(implementatio
         err_plain = float(jnp.max(jnp.abs(p.astype(jnp.float32) - e)))
         err_filtered = float(jnp.max(jnp.abs(f.astype(jnp.float32) - e)))
         assert err_filtered <= 2 * err_plain + 2**-12, (err_filtered, err_plain)
+
+
+def test_filtered_bfloat16_empty_batch():
+    """Found by the fuzzer: the per-column merge of the filter's label term
+    (16-bit dw) built a length-1 mask for an empty batch and failed to trace."""
+    x = jnp.zeros((0, 3), jnp.bfloat16)
+    w = jnp.ones((3, 8), jnp.bfloat16)
+    y = jnp.zeros((0,), jnp.int32)
+
+    def f(x, w):
+        return linear_cross_entropy(x, w, y, filter_threshold=1e-30, reduction="sum")
+
+    dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+    assert dx.shape == (0, 3) and np.all(np.asarray(dw, np.float32) == 0)

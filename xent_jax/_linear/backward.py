@@ -283,7 +283,8 @@ def _merged_by_column(columns, update, axis: int):
     once; the spare entries add 0 to column 0."""
     order = jnp.argsort(columns)
     ordered = columns[order]
-    starts = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    first = jnp.arange(ordered.shape[0]) == 0  # (no example: all empty)
+    starts = first | (ordered != jnp.roll(ordered, 1))
     segment = jnp.cumsum(starts) - 1
     parts = jnp.moveaxis(jnp.take(update, order, axis=axis), axis, 0)
     sums = jax.ops.segment_sum(parts, segment, num_segments=columns.shape[0])
