@@ -18,10 +18,6 @@ import jax.numpy as jnp
 from xent_jax import _numerics, _stats
 from xent_jax._options import SoftmaxOptions
 
-# Whether 16-bit blocks are cast to float32 before the matmuls on CPU (see
-# `dot`); a switch so that a benchmark can time both in one process.
-UPCAST_ON_CPU = True
-
 
 def dot(a, b, contract, cdt):
     """``a . b`` contracting ``contract`` with ``cdt`` accumulation. 16-bit
@@ -34,7 +30,7 @@ def dot(a, b, contract, cdt):
         dims = (contract, ((), ()))
         return jax.lax.dot_general(a, b, dims, preferred_element_type=cdt)
 
-    if not UPCAST_ON_CPU or (a.dtype == cdt and b.dtype == cdt):
+    if a.dtype == cdt and b.dtype == cdt:
         return native(a, b)
 
     def cpu(a, b):
