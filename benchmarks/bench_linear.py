@@ -269,7 +269,7 @@ def _tile_max(x, w, tb: int, groups: int, cs: int):
 def tile_maxima(x, w, block_size) -> np.ndarray:
     """The largest probability of each ``[token_block, vocab_block]`` tile of
     the fused loss's backward (its vocabulary groups side by side)."""
-    lay = _layout.choose(block_size, x.shape[0], w.shape[1], False, False)
+    lay = _layout.choose(block_size, x.shape[0], w.shape[1], w.shape[0], False, False)
     return np.asarray(_tile_max(x, w, lay.token_block, lay.groups, lay.vocab_block))
 
 
@@ -303,9 +303,9 @@ def memory_table(shapes, block_size) -> None:
 # --- the GEMM floor -----------------------------------------------------------
 
 
-def block_dims(block_size, n: int, v: int) -> tuple[int, int]:
+def block_dims(block_size, n: int, v: int, d: int) -> tuple[int, int]:
     """``(token_block, vocab_block)`` of one matmul of the fused loss."""
-    lay = _layout.choose(block_size, n, v, rows=False, padded=False)
+    lay = _layout.choose(block_size, n, v, d, rows=False, padded=False)
     return lay.token_block, lay.vocab_block * lay.groups
 
 
@@ -323,7 +323,7 @@ def gemms(n: int, d: int, v: int, dtype, block_size) -> dict:
     """``name: (jitted matmul, its operands, its flops)`` in ``dtype`` with
     float32 accumulation; for 16-bit ``dtype`` also ``x @ w`` with the
     operands converted to float32 first (in the same jitted call)."""
-    tb, vb = block_dims(block_size, n, v)
+    tb, vb = block_dims(block_size, n, v, d)
     specs = {  # lhs shape, rhs shape, contracting dims
         "1024x1024": ((1024, d), (d, 1024), ((1,), (0,))),
         "x@w": ((tb, d), (d, vb), ((1,), (0,))),

@@ -51,7 +51,7 @@ def _per_example(x, w, bias, labels, class_weights, opts, *, impl, block_size, r
     x2 = x.reshape(-1, d)
     flat = Labels(*(f.reshape(-1) for f in labels))
     padded = opts.num_classes < v_local * ClassAxis(opts.axis_name).num_shards()
-    lay = layout.choose(block_size, x2.shape[0], v_local, rows, padded)
+    lay = layout.choose(block_size, x2.shape[0], v_local, d, rows, padded)
     out = impl(x2, w, bias, flat, class_weights, opts, lay)
     return jax.tree.map(lambda a: a.reshape(x.shape[:-1]), out)
 

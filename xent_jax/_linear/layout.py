@@ -33,6 +33,11 @@ from xent_jax import _compat
 DEFAULT_VOCAB_BLOCK = 1024
 # Upper bound on the elements of one [token_block, vocab_block] block of logits.
 DEFAULT_BLOCK_ELEMENTS = 1024 * 2048
+# Budget of the default blocks' temporaries (see ``block_bytes``): at large D
+# the [token_block, D] and [D, vocab_block] blocks, not the logits, dominate
+# (71 MiB at D = 2304 with the blocks above), so the default blocks shrink
+# until they fit. The tuned blocks of D <= 512 fit and stay as they are.
+DEFAULT_BLOCK_BYTES = 24 * 2**20
 # Vocabulary groups processed side by side; the largest that divides V is used.
 GROUP_CHOICES = (8, 4, 2, 1)
 
@@ -48,13 +53,16 @@ class Layout:
     padded: bool  # some columns (on some shard) are padding, past num_classes
 
 
-def choose(block_size, n: Any, v: int, rows: bool, padded: bool) -> Layout:
-    """The layout for ``n`` tokens and ``v`` classes here, from ``block_size``
-    (validated: ``None``, an int or ``(token_block, vocab_block)``).
+def choose(block_size, n: Any, v: int, d: int, rows: bool, padded: bool) -> Layout:
+    """The layout for ``n`` tokens, ``v`` classes here and depth ``d``, from
+    ``block_size`` (validated: ``None``, an int or ``(token_block,
+    vocab_block)``).
 
     Without a token block, tokens are blocked so that one block of logits has
-    at most ``DEFAULT_BLOCK_ELEMENTS`` entries. A symbolic token count
-    (``jax.export``) is one token block: loops need static block shapes.
+    at most ``DEFAULT_BLOCK_ELEMENTS`` entries, then the blocks not given are
+    halved until their temporaries fit ``DEFAULT_BLOCK_BYTES``
+    (:func:`fit_budget`). A symbolic token count (``jax.export``) is one token
+    block: loops need static block shapes.
     """
     groups = next(g for g in GROUP_CHOICES if v % g == 0)
     tb = None
@@ -64,11 +72,37 @@ def choose(block_size, n: Any, v: int, rows: bool, padded: bool) -> Layout:
         vb = block_size
     else:
         tb, vb = block_size
-    vb = max(1, min(vb, v) // groups)
+    cols = max(1, min(vb, v) // groups) * groups
+    if not _compat.is_static(n):
+        return Layout(n, cols // groups, groups, rows, padded)
     if tb is None:
-        tb = DEFAULT_BLOCK_ELEMENTS // (vb * groups)
-    tb = max(1, min(tb, n)) if _compat.is_static(n) else n
-    return Layout(tb, vb, groups, rows, padded)
+        tb = max(1, min(DEFAULT_BLOCK_ELEMENTS // cols, n))
+        tb, cols = fit_budget(tb, cols, d, groups, block_size is None)
+    return Layout(max(1, min(tb, n)), cols // groups, groups, rows, padded)
+
+
+def block_bytes(tb: int, cols: int, d: int) -> int:
+    """An estimate of the blockwise kernel's temporaries on XLA CPU in
+    float32, read off ``memory_analysis()`` buffer by buffer: two
+    ``[tb, D]`` blocks of ``x`` (sliced, and the ``dx`` rows), three ``[D,
+    cols]`` ones (the ``w`` block, the ``dw`` block and its product) and one
+    ``[tb, cols]`` block of logits."""
+    return 4 * (2 * tb * d + 3 * d * cols + tb * cols)
+
+
+def fit_budget(tb: int, cols: int, d: int, groups: int, vocab_free: bool):
+    """``(tb, cols)`` halved, the larger first (``cols`` only if
+    ``vocab_free``, and never below one column per group), until
+    ``block_bytes`` fits ``DEFAULT_BLOCK_BYTES`` or neither can shrink."""
+    while block_bytes(tb, cols, d) > DEFAULT_BLOCK_BYTES:
+        cols_can = vocab_free and cols % (2 * groups) == 0
+        if cols_can and (cols > tb or tb == 1):
+            cols //= 2
+        elif tb > 1:
+            tb = -(-tb // 2)
+        else:
+            break
+    return tb, cols
 
 
 def for_blocks(total: Any, block: Any, body, carry):
