@@ -122,26 +122,31 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
     )
     dz = blocks.logits_gradient(z, zs, p, log_se, hit, block_coefs, blk.smoothing, opts)
 
-    def add(acc):
-        dx, dwb, dbb, dcwb = acc
-        dx_rows = None if dx is None else lay.take(dx, t, nt, 0)
+    def add(block_acc):
+        dx_rows, dwb, dbb, dcwb = block_acc
         # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
         xw = xb if dwb is None else jnp.where(scored, xb, 0)
         dx_rows, dwb, dbb = blocks.accumulate(
             dx_rows, dwb, dbb, xw, blk.w, dz, layout.rows, cdt
         )
-        if dx is not None:
-            dx = lay.put(dx, dx_rows, t, 0)
         if dcwb is not None:  # sum_i g_i a/V (lse_i - z_ic), on real columns
             per = _numerics.weighted(c.smoothing[:, None], log_se[:, None] - zs)
             # (in shifted coordinates: lse_i - z_ic = log_se_i - zs_ic)
             dcwb = dcwb + jnp.sum(jnp.where(blk.real, per, 0), axis=0)
-        return dx, dwb, dbb, dcwb
+        return dx_rows, dwb, dbb, dcwb
 
-    if not filtering:
-        return add(acc)
-    skip = jnp.max(p) < opts.filter_threshold
-    return jax.lax.cond(skip, lambda a: a, add, acc)
+    # Only this block's rows of dx enter the step (and the filter's cond, which
+    # would otherwise copy all of dx, [N, D], on each path).
+    dx = acc[0]
+    block_acc = (None if dx is None else lay.take(dx, t, nt, 0),) + tuple(acc[1:])
+    if filtering:
+        skip = jnp.max(p) < opts.filter_threshold
+        block_acc = jax.lax.cond(skip, lambda a: a, add, block_acc)
+    else:
+        block_acc = add(block_acc)
+    if dx is not None:
+        dx = lay.put(dx, block_acc[0], t, 0)
+    return (dx,) + tuple(block_acc[1:])
 
 
 def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt):
@@ -252,41 +257,92 @@ def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
         w_y = jnp.take(w, y, axis=0) if layout.rows else jnp.take(w, y, axis=1).T
         dx = dx - k[:, None] * w_y.astype(cdt)
     if dw is not None:
-        g_rows = -_numerics.weighted(k[:, None], x.astype(cdt))  # [N, D]
-        dw = _scatter_add(dw, y, g_rows if layout.rows else g_rows.T, w, layout.rows)
+        dw = _label_term_dw(dw, y, k, x, w, layout.rows, cdt)
     if db is not None:
-        db = _scatter_add(db, y, -k, bias, False)
+        db = _scatter_add(db, y, -k, bias)
     return dx, dw, db
 
 
-def _scatter_add(grad, columns, update, primal, rows: bool):
-    """``grad[..., columns] += update`` (``update``'s last axis per example;
-    ``grad[columns] += update``, its first axis, when ``rows``), summed over
-    the data axes that ``primal`` is replicated over (see
+def _scatter_add(grad, columns, update, primal):
+    """``grad[columns] += update`` for a per-class ``grad`` (``db``, in
+    float32), summed over the data axes that ``primal`` is replicated over (see
     ``_sharding.match_varying``): then through a ``grad``-sized buffer, since
     each device scatters to other columns."""
-    if _numerics.compute_dtype(grad.dtype) != grad.dtype:
-        columns, update = _merged_by_column(columns, update, 0 if rows else -1)
     update = update.astype(grad.dtype)
-    at = (columns,) if rows else (..., columns)
     if not _sharding.extra_varying(update, primal):
-        return grad.at[at].add(update)
-    scattered = jnp.zeros(grad.shape, grad.dtype).at[at].add(update)
+        return grad.at[columns].add(update)
+    scattered = jnp.zeros(grad.shape, grad.dtype).at[columns].add(update)
     return grad + _sharding.match_varying(scattered, primal)
 
 
-def _merged_by_column(columns, update, axis: int):
-    """``(columns, update)`` with the updates of equal columns summed in
-    ``update``'s (float32) dtype first, so that a 16-bit gradient takes one
-    rounding per column rather than one per example (a frequent label's
-    column summed in bfloat16 loses its value). Each column then appears
-    once; the spare entries add 0 to column 0."""
-    order = jnp.argsort(columns)
-    ordered = columns[order]
-    first = jnp.arange(ordered.shape[0]) == 0  # (no example: all empty)
-    starts = first | (ordered != jnp.roll(ordered, 1))
-    segment = jnp.cumsum(starts) - 1
-    parts = jnp.moveaxis(jnp.take(update, order, axis=axis), axis, 0)
-    sums = jax.ops.segment_sum(parts, segment, num_segments=columns.shape[0])
-    merged = jnp.zeros_like(columns).at[segment].set(ordered)
-    return merged, jnp.moveaxis(sums, 0, axis)
+# Bytes of the float32 updates ``-k_i x_i`` the label term of a float32 ``dw``
+# makes at a time: all of them at once would be an [N, D] buffer (72 MiB at
+# N = 8192, D = 2304).
+LABEL_TERM_CHUNK_BYTES = 4 * 2**20
+
+
+def _label_term_dw(dw, y, k, x, w, rows: bool, cdt):
+    """``dw[:, y_i] -= k_i x_i`` (``dw[y_i]`` in the row layout) for the
+    local column ``y_i`` of each example. Summed over the data axes that
+    ``w`` is replicated over (see ``_sharding.match_varying``): then through a
+    ``dw``-sized buffer, since each device scatters to other columns."""
+    extra = _sharding.extra_varying(k, w) or _sharding.extra_varying(x, w)
+    total = jnp.zeros(dw.shape, dw.dtype) if extra else dw
+    total = _sharding.varying_like(total, k, x)
+    if _numerics.compute_dtype(dw.dtype) != dw.dtype:
+        total = _added_by_column(total, y, k, x, rows, cdt)
+    else:
+        total = _scattered_by_features(total, y, k, x, rows, cdt)
+    return dw + _sharding.match_varying(total, w) if extra else total
+
+
+def _scattered_by_features(dw, y, k, x, rows: bool, cdt):
+    """``_label_term_dw``'s sum for a float32 ``dw``: scatter-adds of
+    ``LABEL_TERM_CHUNK_BYTES`` of features at a time. A feature's updates
+    meet its columns in the same order as in one scatter of all of them, so
+    the chunks change no bit."""
+    n, d = x.shape
+    size = max(1, min(d, LABEL_TERM_CHUNK_BYTES // (4 * max(n, 1))))
+    vocab_axis, feature_axis = (0, 1) if rows else (1, 0)
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1,),
+        inserted_window_dims=(vocab_axis,),
+        scatter_dims_to_operand_dims=(vocab_axis, feature_axis),
+    )
+    mode = jax.lax.GatherScatterMode.FILL_OR_DROP
+
+    def chunk(f, size, dw):
+        update = -_numerics.weighted(k[:, None], lay.take(x, f, size, 1).astype(cdt))
+        at = jnp.stack([y, jnp.full_like(y, f)], axis=1)
+        return jax.lax.scatter_add(dw, at, update.astype(dw.dtype), dims, mode=mode)
+
+    return lay.for_blocks(d, size, chunk, dw)
+
+
+def _added_by_column(dw, y, k, x, rows: bool, cdt):
+    """``_label_term_dw``'s sum for a 16-bit ``dw``: the examples in the order
+    of their columns, each column's updates summed in float32 and added to
+    ``dw`` once, so that the column takes one rounding rather than one per
+    example (a frequent label's column summed in bfloat16 loses its value).
+    One column at a time (``lay.block``): XLA CPU runs a 16-bit scatter, even
+    one without arithmetic, on a float32 copy of all of ``dw``."""
+    n = y.shape[0]
+    if n == 0:
+        return dw
+    order = jnp.argsort(y)  # stable: a column's examples in their order
+    ys = y[order]
+    axis = 0 if rows else 1  # dw's class axis
+
+    def step(i, carry):
+        dw, acc = carry
+        j, c = order[i], ys[i]
+        g = -_numerics.weighted(k[j], lay.block(x, j, 1, 0).astype(cdt))
+        first = (i == 0) | (c != ys[jnp.maximum(i - 1, 0)])
+        acc = jnp.where(first, 0, acc) + g  # [1, D]
+        last = (i == n - 1) | (c != ys[jnp.minimum(i + 1, n - 1)])
+        col = lay.block(dw, c, 1, axis)
+        new = col + acc.astype(dw.dtype).reshape(col.shape)
+        return lay.block_update(dw, jnp.where(last, new, col), c, axis), acc
+
+    acc = _sharding.varying_like(jnp.zeros((1, x.shape[1]), cdt), k, x)
+    return jax.lax.fori_loop(0, n, step, (dw, acc))[0]
