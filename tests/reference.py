@@ -153,6 +153,112 @@ def _class_index(labels, is_class):
     return jnp.where(is_class, labels, zero).astype(jnp.int32)
 
 
+# --- language-model options: temperature, shift, segments -------------------------
+
+
+def tempered(x, temperature):
+    """The logits divided by the temperature (``None``: as they are)."""
+    return x if temperature is None else x / temperature
+
+
+def shifted_labels(labels, shift):
+    """``(labels at t + shift, has_target)`` along the last axis; the last
+    ``shift`` positions have no target (their label is a placeholder 0)."""
+    labels = _as_labels(labels)
+    if not shift:
+        return labels, jnp.ones(labels.shape, bool)
+    length = labels.shape[-1]
+    k = min(shift, length)
+    fill = jnp.zeros(labels.shape[:-1] + (k,), labels.dtype)
+    moved = jnp.concatenate([labels[..., k:], fill], axis=-1)
+    has = jnp.broadcast_to(jnp.arange(length) < length - k, labels.shape)
+    return moved, has
+
+
+def segment_allowed(segment_ids, shift, ignore_index):
+    """Positions that segments let score: not padding (a negative id, or one
+    equal to ``ignore_index``) and, with ``shift``, every position up to
+    ``t + shift`` in the segment of ``t`` (inside the sequence)."""
+    seg = _as_labels(segment_ids)
+    ok = ~_equals(seg, ignore_index)
+    if jnp.iinfo(seg.dtype).min < 0:
+        ok = ok & (seg >= jnp.asarray(0, seg.dtype))
+    length = seg.shape[-1]
+    for k in range(1, shift + 1):
+        ahead = jnp.roll(seg, -k, axis=-1)
+        ok = ok & (ahead == seg) & (jnp.arange(length) < length - k)
+    return ok
+
+
+def lm_targets(labels, shift=0, segment_ids=None, ignore_index=None):
+    """``(targets, allowed)``: the labels moved by ``shift`` and the examples
+    that shift and segments let score."""
+    labels, allowed = shifted_labels(labels, shift)
+    if segment_ids is not None:
+        allowed = allowed & segment_allowed(segment_ids, shift, ignore_index)
+    return labels, allowed
+
+
+def segment_index(segment_ids, shape):
+    """Each position's segment as a dense index (row-major rows, then runs of
+    equal ids along the last axis); without ids every row is one segment."""
+    if not shape:
+        return jnp.zeros((), jnp.int32)
+    length = shape[-1]
+    row = jnp.arange(int(np.prod(shape)), dtype=jnp.int32).reshape(shape) // max(
+        length, 1
+    )
+    if segment_ids is None:
+        return row
+    seg = _as_labels(segment_ids)
+    first = jnp.ones(shape[:-1] + (min(length, 1),), bool)
+    new = jnp.concatenate([first, seg[..., 1:] != seg[..., :-1]], axis=-1)
+    run = jnp.cumsum(new, axis=-1, dtype=jnp.int32) - 1
+    return row * length + run
+
+
+# --- per-example statistics (return_aux) -------------------------------------------
+
+
+class AuxStats(NamedTuple):
+    lse: jax.Array
+    argmax: jax.Array
+    entropy: jax.Array
+
+
+def softmax_stats(x, keep, temperature=None):
+    """``lse``, ``argmax`` and the entropy over the kept classes of
+    classes-last logits ``x / T`` (shifted before the division); ``lse`` is
+    ``-inf`` (entropy 0) where no kept logit is above ``-inf``, ``+inf``
+    (entropy NaN) at a kept ``+inf``, NaN at a kept NaN (argmax: the first
+    NaN)."""
+    keep = jnp.broadcast_to(keep, x.shape)
+    xk = jnp.where(keep, x, -jnp.inf)
+    nan_row = jnp.any(keep & jnp.isnan(x), axis=-1)
+    inf_row = jnp.any(keep & jnp.isposinf(x), axis=-1)
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(jnp.isnan(xk), -jnp.inf, xk), -1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    fin = keep & jnp.isfinite(x)
+    xs = jnp.where(fin, tempered(xk - m[..., None], temperature), 0.0)
+    e = jnp.where(fin, jnp.exp(xs), 0.0)
+    s = jnp.sum(e, axis=-1)
+    mass = s > 0
+    safe_s = jnp.where(mass, s, 1.0)
+    lse = jnp.where(mass, jnp.log(safe_s) + tempered(m, temperature), -jnp.inf)
+    entropy = jnp.where(mass, jnp.log(safe_s) - jnp.sum(e * xs, -1) / safe_s, 0.0)
+    lse = jnp.where(inf_row, jnp.inf, lse)
+    entropy = jnp.where(inf_row, jnp.nan, entropy)
+    lse = jnp.where(nan_row, jnp.nan, lse)
+    entropy = jnp.where(nan_row, jnp.nan, entropy)
+    first_nan = jnp.argmax(keep & jnp.isnan(x), axis=-1)
+    argmax = jnp.where(
+        nan_row,
+        first_nan,
+        jnp.argmax(jnp.where(fin | jnp.isposinf(xk), xk, -jnp.inf), -1),
+    )
+    return AuxStats(lse, argmax.astype(jnp.int32), entropy)
+
+
 # --- the shared formula ---------------------------------------------------------
 
 
@@ -176,8 +282,10 @@ class Terms(NamedTuple):
         return self.ce + self.zl
 
 
-def _xent_terms(x, t, keep, row_ok, z_loss):
-    """``(ce, zl)`` over the last axis in shifted coordinates; 0 where not row_ok.
+def _xent_terms(x, t, keep, row_ok, z_loss, temperature=None):
+    """``(ce, zl)`` of ``x / T`` over the last axis in shifted coordinates
+    (shifted before the division, so that an offset cancels exactly); 0 where
+    not row_ok.
 
     ``t`` must already be zero on classes that ``keep`` drops.
     """
@@ -191,7 +299,7 @@ def _xent_terms(x, t, keep, row_ok, z_loss):
     xk = jnp.where(keep, x, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(xk, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    xs = xk - m  # shifted logits; -inf on dropped classes
+    xs = tempered(xk - m, temperature)  # shifted logits; -inf on dropped classes
     s = jnp.sum(jnp.where(keep, jnp.exp(xs), 0.0), axis=-1, keepdims=True)
     # No finite kept logit: lse = -inf, with no 0 * inf in the gradient.
     has_mass = s > 0
@@ -202,7 +310,7 @@ def _xent_terms(x, t, keep, row_ok, z_loss):
     nl = jnp.where(skip, 0.0, nl)
     ce = jnp.sum(jnp.where(skip, 0.0, t * nl), axis=-1)
     ce = jnp.where(has_nan, jnp.nan, ce)
-    lse = (lse_s + m)[..., 0]
+    lse = (lse_s + tempered(m, temperature))[..., 0]
     if isinstance(z_loss, int | float) and z_loss == 0:
         zl = jnp.zeros_like(ce)
     else:
@@ -221,12 +329,16 @@ def integer_xent_terms(
     label_smoothing=0.0,
     class_weights=None,
     z_loss=0.0,
+    temperature=None,
+    shift=0,
+    segment_ids=None,
 ):
     """:class:`Terms` of the integer-label cross-entropy (explicit one-hot)."""
     logits = _compute_dtype(logits)
     axes = _axes(axis, logits.ndim)
     keep = _classes_last(_keep_mask(where, logits.shape, axes), axes)
     x = _classes_last(logits, axes)
+    labels, allowed = lm_targets(labels, shift, segment_ids, ignore_index)
     return _integer_terms(
         x,
         labels,
@@ -236,6 +348,8 @@ def integer_xent_terms(
         label_smoothing=label_smoothing,
         class_weights=class_weights,
         z_loss=z_loss,
+        allowed=allowed,
+        temperature=temperature,
     )
 
 
@@ -249,8 +363,11 @@ def _integer_terms(
     label_smoothing,
     class_weights,
     z_loss,
+    allowed=None,
+    temperature=None,
 ):
-    """:class:`Terms` for classes-last ``x``; labels must lie below num_classes."""
+    """:class:`Terms` for classes-last ``x``; labels must lie below num_classes;
+    ``allowed``: examples that may score (shift and segments)."""
     labels = _as_labels(labels)
     n_columns = x.shape[-1]
     is_class, _, bad = label_status(labels, num_classes, ignore_index)
@@ -259,10 +376,12 @@ def _integer_terms(
     onehot = onehot.astype(x.dtype)
     c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
     row_ok = jnp.any(keep, axis=-1) & is_class
+    if allowed is not None:
+        row_ok = row_ok & allowed
     w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
     a = label_smoothing
     t = w * ((1.0 - a) * onehot + a / jnp.maximum(c_row, 1.0)) * keep
-    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss)
+    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss, temperature)
     ce = jnp.where(bad, jnp.nan, ce)
     if class_weights is None:
         weight = row_ok.astype(x.dtype)
@@ -281,6 +400,8 @@ def soft_xent_terms(
     label_smoothing=0.0,
     class_weights=None,
     z_loss=0.0,
+    temperature=None,
+    segment_ids=None,
 ):
     """:class:`Terms` of the soft-label cross-entropy."""
     logits = _compute_dtype(logits)
@@ -291,10 +412,12 @@ def soft_xent_terms(
     y = _classes_last(labels, axes)
     c_row = jnp.sum(keep, axis=-1, keepdims=True).astype(x.dtype)
     row_ok = jnp.any(keep, axis=-1)
+    if segment_ids is not None:
+        row_ok = row_ok & segment_allowed(segment_ids, 0, None)
     w = 1.0 if class_weights is None else jnp.asarray(class_weights, x.dtype)
     a = label_smoothing
     t = w * ((1.0 - a) * y + a / jnp.maximum(c_row, 1.0)) * keep
-    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss)
+    ce, zl = _xent_terms(x, t, keep, row_ok, z_loss, temperature)
     return Terms(ce, zl, row_ok.astype(x.dtype), row_ok)
 
 
@@ -399,10 +522,12 @@ def reduce(loss, reduction, denominator=None, normalizer=None):
 
 
 def _safe_div(total, den):
-    """``total / den``, and 0 with zero gradient where ``den == 0``."""
+    """``total / den``; where ``den == 0``, 0 with zero gradient, except that a
+    NaN total (an out-of-range label, a NaN logit) stays NaN."""
     den = jnp.asarray(den, total.dtype)
     zero = den == 0
-    return jnp.where(zero, jnp.zeros_like(total), total / jnp.where(zero, 1.0, den))
+    empty = jnp.where(jnp.isnan(total), total, 0.0)
+    return jnp.where(zero, empty, total / jnp.where(zero, 1.0, den))
 
 
 def mean_of_terms(terms: Terms, normalizer=None):
@@ -420,12 +545,34 @@ def mean_of_terms(terms: Terms, normalizer=None):
     return _safe_div(jnp.sum(terms.ce), den_ce) + _safe_div(jnp.sum(terms.zl), den_z)
 
 
-def reduce_terms(terms: Terms, reduction, normalizer=None):
-    """``"none"`` / ``"sum"`` / ``"mean"`` (new denominators) of :class:`Terms`."""
+def mean_per_segment(terms: Terms, index, normalizer=None):
+    """The mean of :class:`Terms` within each segment (``index``: each
+    example's segment, :func:`segment_index`), averaged over the segments with
+    a scored example (or divided by ``normalizer``)."""
+    index = jnp.reshape(index, -1)
+    member = index[:, None] == jnp.arange(index.size)[None, :]  # [example, segment]
+
+    def per_segment(v):
+        v = jnp.reshape(jnp.asarray(v, terms.ce.dtype), -1)[:, None]
+        return jnp.sum(jnp.where(member, v, 0.0), axis=0)
+
+    counts = per_segment(terms.scored)
+    means = _safe_div(per_segment(terms.ce), per_segment(terms.weight))
+    means = means + _safe_div(per_segment(terms.zl), counts)
+    den = jnp.sum(counts > 0) if normalizer is None else normalizer
+    return _safe_div(jnp.sum(means), den)
+
+
+def reduce_terms(terms: Terms, reduction, normalizer=None, segments=None):
+    """``"none"`` / ``"sum"`` / ``"mean"`` (new denominators) /
+    ``"mean_per_segment"`` (``segments``: :func:`segment_index`) of
+    :class:`Terms`."""
     if reduction == "none":
         return terms.loss
     if reduction == "sum":
         return jnp.sum(terms.loss)
+    if reduction == "mean_per_segment":
+        return mean_per_segment(terms, segments, normalizer)
     assert reduction == "mean"
     return mean_of_terms(terms, normalizer)
 
@@ -433,8 +580,9 @@ def reduce_terms(terms: Terms, reduction, normalizer=None):
 # --- fused linear + cross-entropy -----------------------------------------------
 
 
-def linear_logits(x, w, bias=None, logit_softcap=None):
-    """``cap(x @ w + bias)`` in the compute dtype (16-bit promoted to float32)."""
+def linear_logits(x, w, bias=None, logit_softcap=None, temperature=None):
+    """``cap((x @ w + bias) / T)`` in the compute dtype (16-bit promoted to
+    float32)."""
     x, w = jnp.asarray(x), jnp.asarray(w)
     dtype = _compute_dtype(jnp.zeros((), jnp.promote_types(x.dtype, w.dtype))).dtype
     z = jnp.matmul(
@@ -442,6 +590,7 @@ def linear_logits(x, w, bias=None, logit_softcap=None):
     )
     if bias is not None:
         z = z + jnp.asarray(bias, dtype)
+    z = tempered(z, temperature)
     if logit_softcap is not None:
         z = logit_softcap * jnp.tanh(z / logit_softcap)
     return z
@@ -459,8 +608,11 @@ def linear_xent_terms(
     z_loss=0.0,
     logit_softcap=None,
     num_classes=None,
+    temperature=None,
+    shift=0,
+    segment_ids=None,
 ):
-    """:class:`Terms` of the integer cross-entropy on ``cap(x @ w + bias)``.
+    """:class:`Terms` of the integer cross-entropy on ``cap((x @ w + bias) / T)``.
 
     Columns ``>= num_classes`` are padding: not part of the function (their
     logits are never computed), and labels there are out of range. The rows of ``x`` of
@@ -468,15 +620,15 @@ def linear_xent_terms(
     so that nothing non-finite there reaches any gradient.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
-    labels = _as_labels(labels)
+    labels, allowed = lm_targets(labels, shift, segment_ids, ignore_index)
     v = w.shape[-1]
     num_classes = v if num_classes is None else int(num_classes)
     is_class, _, _ = label_status(labels, num_classes, ignore_index)
-    x = jnp.where(is_class[..., None], x, jnp.zeros((), x.dtype))
+    x = jnp.where((is_class & allowed)[..., None], x, jnp.zeros((), x.dtype))
     # Padding columns are not part of the function: computed from the real
     # columns only (so that nothing in them reaches a gradient), then -inf.
     real = None if bias is None else jnp.asarray(bias)[:num_classes]
-    z = linear_logits(x, w[..., :num_classes], real, logit_softcap)
+    z = linear_logits(x, w[..., :num_classes], real, logit_softcap, temperature)
     pad = jnp.full(z.shape[:-1] + (v - num_classes,), -jnp.inf, z.dtype)
     z = jnp.concatenate([z, pad], axis=-1)
     keep = jnp.broadcast_to(jnp.arange(v) < num_classes, z.shape)
@@ -489,6 +641,7 @@ def linear_xent_terms(
         label_smoothing=label_smoothing,
         class_weights=class_weights,
         z_loss=z_loss,
+        allowed=allowed,
     )
 
 

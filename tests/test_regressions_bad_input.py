@@ -162,6 +162,30 @@ def test_class01_out_of_range_labels_never_wrap(dtype, value, ignore_index):
     assert np.all(np.asarray(g[0]) == 0) and np.all(np.isfinite(g))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "mean_per_segment"])
+def test_class01_mean_over_only_out_of_range_labels_is_nan(reduction):
+    """Found by the differential fuzzer (issue 9): under jit, a batch whose
+    every label is out of range (an off-by-one vocabulary) has no scored
+    example, so the mean's denominator is 0 and the mean was a silent 0. A
+    NaN total now stays NaN whatever the denominator."""
+    x = _logits((3, 5))
+    y = jnp.array([5, 5, -1])
+    for f in (ICE, xj.softmax_focal_loss):
+        out = jax.jit(lambda x, y, f=f: f(x, y, reduction=reduction))
+        if f is xj.softmax_focal_loss and reduction == "mean_per_segment":
+            continue
+        assert np.isnan(out(x, y)), f
+    h, w = _logits((3, 4)), _logits((4, 5), seed=2)
+    lce = jax.jit(lambda y: xj.linear_cross_entropy(h, w, y, reduction=reduction))
+    assert np.isnan(lce(y))
+    # All ignored (no out-of-range label): still 0, with zero gradient.
+    f = jax.jit(
+        lambda x: ICE(x, jnp.array([-100] * 3), ignore_index=-100, reduction=reduction)
+    )
+    assert float(f(x)) == 0.0
+    assert np.all(np.asarray(jax.grad(f)(x)) == 0)
+
+
 def test_class01_label_forms():
     """Labels as numpy arrays of any integer dtype, Python ints and Python
     lists; bool labels are a TypeError."""
@@ -683,6 +707,35 @@ def test_class07_large_offset_matches_float64(offset):
         _close(ice(x, y), want_i, rtol=4e-6, atol=1e-6)
         _close(sce(x, p), want_s, rtol=4e-6, atol=1e-6)
         _close(ice_ls(x, y), want_ls, rtol=4e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_class07_temperature_offset_cancels_before_the_division(impl):
+    """Found by the differential fuzzer (issue 9, temperature): the logits were
+    divided by T before the shift, so x / T rounded at the offset's magnitude:
+    [1e8, 1e8 + 64, 1e8 - 64] at T = 0.7 gave 80.0 instead of 64 / 0.7 =
+    91.43. The shift now comes first, in the logits' own units: (x - max) / T.
+    The aux entropy and lse are exact too."""
+    x = jnp.array([[1e8, 1e8 + 64, 1e8 - 64]], jnp.float32)
+    t = 0.7
+    loss, aux = jax.jit(
+        functools.partial(ICE, temperature=t, return_aux=True, implementation=impl)
+    )(x, jnp.array([0]))
+    _close(loss, [64 / t + math.log1p(math.exp(-64 / t) + math.exp(-128 / t))])
+    assert float(aux.entropy[0]) < 1e-30
+    _close(aux.lse, [(1e8 + 64) / t], rtol=1e-7)
+    xs = jnp.asarray(3e5 + np.random.default_rng(3).normal(size=(4, 7)), "f4")
+    y = jnp.array([0, 3, 6, 2])
+    x64 = np.asarray(xs, np.float64)
+    with float64():
+        want = np.asarray(
+            ref.integer_xent_terms(x64, np.asarray(y), temperature=t).loss
+        )
+    got = jax.jit(functools.partial(ICE, temperature=t, implementation=impl))(xs, y)
+    _close(got, want, rtol=4e-6, atol=1e-6)
+    soft = jax.nn.one_hot(y, 7)
+    got = jax.jit(functools.partial(SCE, temperature=t, implementation=impl))(xs, soft)
+    _close(got, want, rtol=4e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("offset", [1e4, -1e4])

@@ -62,10 +62,13 @@ _global_sum.defvjp(_global_sum_fwd, _global_sum_bwd)
 
 
 def _safe_divide(total, den):
-    """``total / den``, and 0 with zero gradient where ``den`` is 0."""
+    """``total / den``, and 0 with zero gradient where ``den`` is 0, except
+    that a NaN total stays NaN: a batch whose only examples are out-of-range
+    labels (NaN, never scored) must not average to a silent 0."""
     den = jnp.asarray(den).astype(total.dtype)
     zero = den == 0
-    return jnp.where(zero, 0, total / jnp.where(zero, 1, den))
+    empty = jnp.where(jnp.isnan(total), total, 0)
+    return jnp.where(zero, empty, total / jnp.where(zero, 1, den))
 
 
 def reduce_loss(

@@ -33,31 +33,31 @@ def softmax_reference(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
     # Rows that are not scored get harmless logits, so that nothing
     # non-finite is differentiated there; their loss is 0 afterwards. The
     # statistics (lse, entropy, argmax) are of the logits as given.
-    x = tg.logits(inputs, opts, dtype)
+    x = inputs.x.astype(dtype)
     x_safe = jnp.where(scored, x, 0)
     keep = inputs.keep
     xm = x_safe if keep is None else jnp.where(keep | ~scored, x_safe, -jnp.inf)
-    shift = jax.lax.stop_gradient(shift_of(jnp.max(xm, axis=-1)))
-    log_se = log_of_sum(jnp.sum(jnp.exp(xm - shift[..., None]), axis=-1))
+    shift, log_se = _shifted_lse(xm, opts.temperature)
     t = tg.targets(inputs, opts, dtype, x.shape)
     # The label's own term reads the unmasked logit (optax); t is 0 on the
     # classes `where` masks.
-    dist = log_se[..., None] - (x_safe - shift[..., None])
-    ce = jnp.sum(_numerics.weighted(t, dist), axis=-1)
+    xs = _numerics.tempered(x_safe - shift[..., None], opts.temperature)
+    ce = jnp.sum(_numerics.weighted(t, log_se[..., None] - xs), axis=-1)
     ce = jnp.where(jnp.isnan(shift), jnp.nan, ce)
-    out = KernelOut(jnp.where(inputs.scored, ce, 0), _statistic(_lse, x, inputs))
+    lse = _statistic(_lse, x, inputs, opts.temperature)
+    out = KernelOut(jnp.where(inputs.scored, ce, 0), lse)
     if opts.aux:
-        entropy = _statistic(_entropy, x, inputs)
+        entropy = _statistic(_entropy, x, inputs, opts.temperature)
         out = out._replace(entropy=entropy, argmax=_argmax(x, keep))
     return out
 
 
-def _statistic(fn, x, inputs: Inputs):
-    """``fn(x, keep)`` per example, differentiated on scored examples only
+def _statistic(fn, x, inputs: Inputs, temperature):
+    """``fn(x, keep, T)`` per example, differentiated on scored examples only
     (elsewhere its value is of the logits as given, without gradient)."""
     scored = inputs.scored
-    value = fn(jnp.where(scored[..., None], x, 0), inputs.keep)
-    unscored = jax.lax.stop_gradient(fn(x, inputs.keep))
+    value = fn(jnp.where(scored[..., None], x, 0), inputs.keep, temperature)
+    unscored = jax.lax.stop_gradient(fn(x, inputs.keep, temperature))
     return jnp.where(scored, value, unscored)
 
 
@@ -65,15 +65,26 @@ def _masked(x, keep):
     return x if keep is None else jnp.where(keep, x, -jnp.inf)
 
 
-def _lse(x, keep):
-    xm = _masked(x, keep)
+def _shifted_lse(xm, temperature):
+    """``(shift, log_se)``: the shift in the logits' own units and the
+    log-sum-exp of ``(xm - shift) / T``, so that an offset cancels before the
+    temperature divides."""
     shift = jax.lax.stop_gradient(shift_of(jnp.max(xm, axis=-1)))
-    return shift + log_of_sum(jnp.sum(jnp.exp(xm - shift[..., None]), axis=-1))
+    xs = _numerics.tempered(xm - shift[..., None], temperature)
+    return shift, log_of_sum(jnp.sum(jnp.exp(xs), axis=-1))
 
 
-def _entropy(x, keep):
-    """``-sum_c p_c log p_c`` over the kept classes."""
-    log_p = _masked(x, keep) - _lse(x, keep)[..., None]
+def _lse(x, keep, temperature):
+    shift, log_se = _shifted_lse(_masked(x, keep), temperature)
+    return _numerics.tempered(shift, temperature) + log_se
+
+
+def _entropy(x, keep, temperature):
+    """``-sum_c p_c log p_c`` over the kept classes, in shifted coordinates."""
+    xm = _masked(x, keep)
+    shift, log_se = _shifted_lse(xm, temperature)
+    xs = _numerics.tempered(xm - shift[..., None], temperature)
+    log_p = xs - log_se[..., None]
     return -jnp.sum(_numerics.weighted(jnp.exp(log_p), log_p), axis=-1)
 
 

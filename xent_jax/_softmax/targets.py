@@ -30,11 +30,6 @@ class Inputs(NamedTuple):
     scored: jax.Array  # bool [...]
 
 
-def logits(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:
-    """The logits in ``dtype``, divided by the temperature (unmasked)."""
-    return _numerics.tempered(inputs.x.astype(dtype), opts.temperature)
-
-
 def masked_logits(inputs: Inputs, dtype) -> jax.Array:
     """The logits in ``dtype`` with ``-inf`` on the classes ``where`` masks
     (not yet divided by the temperature)."""
@@ -76,10 +71,10 @@ def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
 
 
 def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
-    """``(sum_t, sum_t_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c - s)`` given
-    the shifted masked logits ``xs = x - shift``, without materialising ``t``
-    for integer labels (the one-hot part is a gather; only label smoothing
-    reads rows)."""
+    """``(sum_t, sum_t_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c - s) / T``
+    given the shifted masked logits ``xs = (x - shift) / T`` (``shift`` in the
+    logits' own units), without materialising ``t`` for integer labels (the
+    one-hot part is a gather; only label smoothing reads rows)."""
     classes = ClassAxis(opts.axis_name)
     dtype = xs.dtype
     if not opts.integer:
@@ -87,7 +82,7 @@ def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
         return classes.row_sum(t), classes.row_sum(_numerics.weighted(t, xs))
     # The label's own logit is read unmasked (optax): from x, then shifted.
     x_y = classes.take(inputs.x.astype(dtype), inputs.labels.ids)
-    label_xs = _numerics.tempered(x_y, opts.temperature) - shift
+    label_xs = _numerics.tempered(x_y - shift, opts.temperature)
     w_y = label_weights(inputs, opts, dtype)
     smooth_mass = smooth_xs = None
     if opts.label_smoothing:

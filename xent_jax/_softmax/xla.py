@@ -62,32 +62,26 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
     xm = tg.masked_logits(inputs, _numerics.compute_dtype(inputs.x.dtype))
     row_max = classes.row_max(xm)
     argmax = _argmax(xm, row_max, classes) if opts.aux else None
-    shift = jax.lax.stop_gradient(
-        _stats.shift_of(_numerics.tempered(row_max, opts.temperature))
-    )
-    xs = _numerics.tempered(xm, opts.temperature) - shift[..., None]
+    # The shift is in the logits' own units: (x - shift) / T lets a common
+    # offset cancel exactly before the division rounds anything.
+    shift = jax.lax.stop_gradient(_stats.shift_of(row_max))
+    xs = _numerics.tempered(xm - shift[..., None], opts.temperature)
     sum_t, sum_t_xs = tg.target_sums(inputs, xs, shift, opts)
     after = _after(shift, sum_t_xs)
     if argmax is not None:
         after = _after(after, argmax.astype(after.dtype))
-    e = jnp.exp(_numerics.tempered(xm, opts.temperature) - after[..., None])
+    e = jnp.exp(_numerics.tempered(xm - after[..., None], opts.temperature))
     sum_e = classes.row_sum(e)
     log_se = _stats.log_of_sum(sum_e)
     ce = _stats.cross_entropy(sum_t, sum_t_xs, log_se, shift)
-    out = KernelOut(jnp.where(inputs.scored, ce, 0), shift + log_se)
+    lse = _numerics.tempered(shift, opts.temperature) + log_se
+    out = KernelOut(jnp.where(inputs.scored, ce, 0), lse)
     if opts.aux:
         # sum_c e_c (x_c - shift), with x_c - shift = log e_c where e_c > 0.
         sum_exs = classes.row_sum(_numerics.weighted(e, jnp.log(e)))
         entropy = _stats.entropy(log_se, sum_exs, sum_e)
         out = out._replace(entropy=entropy, argmax=argmax)
-    return out, (
-        _numerics.tempered(xm, opts.temperature),
-        e,
-        sum_e,
-        shift,
-        log_se,
-        sum_t,
-    )
+    return out, (xm, e, sum_e, shift, log_se, sum_t)
 
 
 def _argmax(xm, row_max, classes: ClassAxis):
@@ -97,7 +91,7 @@ def _argmax(xm, row_max, classes: ClassAxis):
     return classes.argmax(value, local + classes.offset(xm.shape[-1]))
 
 
-def _softmax(xm, e, sum_e, shift, log_se, x_dtype):
+def _softmax(xm, e, sum_e, shift, log_se, x_dtype, temperature):
     """The softmax, saved in the logits' dtype."""
 
     def reuse(xm, e, sum_e, shift, log_se):
@@ -107,7 +101,8 @@ def _softmax(xm, e, sum_e, shift, log_se, x_dtype):
     def recompute(xm, e, sum_e, shift, log_se):
         # Where a row sum fuses its producer (not XLA CPU), the exponentials of
         # 16-bit logits would be a float32 buffer of twice their size.
-        return jnp.exp(xm - (shift + log_se)[..., None])
+        xs = _numerics.tempered(xm - shift[..., None], temperature)
+        return jnp.exp(xs - log_se[..., None])
 
     operands = (xm, e, sum_e, shift, log_se)
     if jnp.dtype(x_dtype).itemsize >= 4:
@@ -128,7 +123,7 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     perturbed = jax.tree.map(lambda a: a.perturbed, inputs)
     inputs = jax.tree.map(lambda a: a.value, inputs)
     out, (xm, e, sum_e, shift, log_se, sum_t) = _statistics(inputs, opts)
-    p = _softmax(xm, e, sum_e, shift, log_se, inputs.x.dtype)
+    p = _softmax(xm, e, sum_e, shift, log_se, inputs.x.dtype, opts.temperature)
     # The logits are kept only for the gradients of soft labels and class
     # weights (with smoothing: the integer one-hot part needs only x_y).
     needs_x = (not opts.integer and perturbed.labels is True) or (
@@ -140,8 +135,7 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
         x_y = ClassAxis(opts.axis_name).take(
             inputs.x.astype(xm.dtype), inputs.labels.ids
         )
-        x_y = _numerics.tempered(x_y, opts.temperature)
-        label_nll = log_se - (x_y - shift)
+        label_nll = log_se - _numerics.tempered(x_y - shift, opts.temperature)
     return out, (saved, p, shift, log_se, sum_t, label_nll, out.entropy)
 
 
@@ -178,8 +172,8 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
 
 def _distance(saved: Inputs, opts, shift, log_se):
     """``lse - x_c`` per class, in shifted coordinates."""
-    xs = tg.logits(saved, opts, log_se.dtype) - shift[..., None]
-    return log_se[..., None] - xs
+    xs = saved.x.astype(log_se.dtype) - shift[..., None]
+    return log_se[..., None] - _numerics.tempered(xs, opts.temperature)
 
 
 def _soft_label_grads(saved: Inputs, opts, label_coef, shift, log_se):
