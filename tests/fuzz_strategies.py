@@ -164,6 +164,7 @@ class Case:
     diff: tuple[str, ...] = ()
     cotangent: Any = None
     lse_cotangent: Any = None
+    entropy_cotangent: Any = None  # with return_aux (lse_cotangent: aux.lse)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
@@ -180,6 +181,8 @@ class Case:
             lines.append(f"cotangent = {_fmt(self.cotangent)}")
         if self.lse_cotangent is not None:
             lines.append(f"lse cotangent = {_fmt(self.lse_cotangent)}")
+        if self.entropy_cotangent is not None:
+            lines.append(f"entropy cotangent = {_fmt(self.entropy_cotangent)}")
         for k, v in self.notes.items():
             lines.append(f"{k}: {v!r}")
         return "\n".join(lines)
@@ -355,16 +358,18 @@ def _transform(draw):
     return draw(st.sampled_from(TRANSFORMS), label="transform")
 
 
-def _reduction(draw, default=None):
+def _reduction(draw, default=None, lm=False):
     options = ["none", "sum", "mean"] + ([default] if default else [])
+    options += ["mean_per_segment"] if lm else []
     return draw(st.sampled_from(options), label="reduction")
 
 
 def _normalizer(draw, reduction, pair_ok, x64):
     """``(value, form)`` of a normalizer (only with reduction="mean"); a pair
     ``(ce, z)`` only where there is a z-loss term to divide (``pair_ok``)."""
-    if reduction not in ("mean", "default"):
+    if reduction not in ("mean", "default", "mean_per_segment"):
         return None, None
+    pair_ok = pair_ok and reduction != "mean_per_segment"
     choices = ["none", "scalar", "zero"] + (["pair"] if pair_ok else [])
     what = draw(st.sampled_from(choices), label="normalizer")
     if what == "none":
@@ -389,6 +394,50 @@ def _zero_weight_class(rng, c, anchors):
 def _cotangent(rng, shape):
     """A cotangent of small dyadic numbers (exact in every dtype)."""
     return (rng.integers(-8, 9, size=shape) / 4.0).astype(np.float64)
+
+
+TEMPERATURES = (None, None, 0.5, 2.0, 0.7, 3.0)
+SEGMENT_DTYPES = tuple(np.dtype(d) for d in "int32 uint8 int16".split())
+
+
+def _segment_ids(draw, rng, batch_shape, ignore_index, x64):
+    """Segment ids with the labels' shape: runs along the last axis, an id
+    reused after another (a new segment), padding (negative, or
+    ``ignore_index`` where the dtype holds it) at the end or anywhere."""
+    dtypes = SEGMENT_DTYPES + ((np.dtype(np.int64),) if x64 else ())
+    dtype = draw(st.sampled_from(dtypes), label="segment_ids dtype")
+    n = int(np.prod(batch_shape))
+    if n == 0:
+        return np.zeros(batch_shape, dtype)
+    length = batch_shape[-1]
+    runs = np.cumsum(rng.random(n) < 0.4).reshape(-1, length)
+    ids = rng.integers(0, 3, size=int(runs.max()) + 1)[runs]
+    pads = [v for v in (-1, ignore_index) if v is not None]
+    pads = [int(v) for v in pads if _representable(int(v), dtype)]
+    where = draw(st.sampled_from(["none", "tail", "random"]), label="segment padding")
+    if pads and n and where != "none":
+        mask = np.zeros(ids.shape, bool)
+        if where == "tail":
+            mask[:, length - 1 - rng.integers(0, length) :] = True
+        else:
+            mask = rng.random(ids.shape) < 0.25
+        ids = np.where(mask, rng.choice(pads, size=ids.shape), ids)
+    return np.array(ids.reshape(batch_shape).tolist(), dtype=object).astype(dtype)
+
+
+def _lm_options(draw, rng, case_static, arrays, forms, batch_shape, kind, x64):
+    """Temperature, shift (integer labels), segment ids and return_aux."""
+    case_static["temperature"] = draw(
+        st.sampled_from(TEMPERATURES), label="temperature"
+    )
+    if kind in ("integer", "linear") and batch_shape:
+        case_static["shift"] = draw(st.sampled_from([0, 0, 1, 2]), label="shift")
+    if batch_shape and draw(st.booleans(), label="segment_ids"):
+        ii = case_static.get("ignore_index")
+        arrays["segment_ids"] = _segment_ids(draw, rng, batch_shape, ii, x64)
+        forms["segment_ids"] = draw(
+            st.sampled_from(["np", "jnp", "list"]), label="segment_ids form"
+        )
 
 
 def draw_softmax_case(draw, kind):
@@ -490,6 +539,9 @@ def draw_softmax_case(draw, kind):
             )
     if kind == "integer" or kind == "focal":
         static["ignore_index"] = ignore_index
+    if kind in ("integer", "soft"):
+        _lm_options(draw, rng, static, arrays, forms, batch_shape, kind, x64)
+        static["return_aux"] = draw(st.booleans(), label="return_aux")
     if kind == "focal":
         static["gamma"] = draw(st.sampled_from([2.0, 0.0, 1.0]), label="gamma")
         alpha = draw(st.sampled_from([None, "scalar", "per_class"]), label="alpha")
@@ -504,7 +556,7 @@ def draw_softmax_case(draw, kind):
             forms["alpha"] = draw(
                 st.sampled_from(["np", "jnp", "list"]), label="alpha form"
             )
-    reduction = _reduction(draw)
+    reduction = _reduction(draw, lm=kind != "focal")
     static["reduction"] = reduction
     pair_ok = kind != "focal" and z_loss > 0
     normalizer, form = _normalizer(draw, reduction, pair_ok, x64)
@@ -515,7 +567,7 @@ def draw_softmax_case(draw, kind):
             st.sampled_from([None, "reference"]), label="implementation"
         )
     transform = _transform(draw)
-    per_example = ("logits", "labels", "where") if where_kind else ("logits", "labels")
+    per_example = ("logits", "labels", "where", "segment_ids")
     case = Case(
         kind, transform, x64, dtype, arrays, forms, static, per_example=per_example
     )
@@ -625,8 +677,14 @@ def draw_linear_case(draw):
     static["filter_threshold"] = draw(
         st.sampled_from([None, 1e-30]), label="filter_threshold"
     )
-    static["return_lse"] = draw(st.booleans(), label="return_lse")
-    reduction = _reduction(draw, default="default")
+    outputs = draw(st.sampled_from([None, "lse", "aux"]), label="outputs")
+    static["return_lse"] = outputs == "lse"
+    static["return_aux"] = outputs == "aux"
+    _lm_options(draw, rng, static, arrays, forms, batch_shape, "linear", x64)
+    if draw(st.booleans(), label="w_layout vd"):
+        static["w_layout"] = "vd"
+        arrays["w"] = np.ascontiguousarray(arrays["w"].T)
+    reduction = _reduction(draw, default="default", lm=True)
     if reduction != "default":
         static["reduction"] = reduction
     normalizer, form = _normalizer(draw, reduction, z_loss > 0, x64)
@@ -636,7 +694,8 @@ def draw_linear_case(draw):
         st.sampled_from([None, "reference"]), label="implementation"
     )
     transform = _transform(draw)
-    case = Case("linear", transform, x64, dtype, arrays, forms, static, ("x", "labels"))
+    per_example = ("x", "labels", "segment_ids")
+    case = Case("linear", transform, x64, dtype, arrays, forms, static, per_example)
     case.notes.update(
         seed=seed, regime=regime, x_rows=row_codes, label_codes=label_codes
     )
@@ -744,18 +803,19 @@ def _finish(draw, rng, case: Case):
     case.diff = tuple(diff)
     out_shape = _output_shape(case)
     case.cotangent = _cotangent(rng, out_shape)
-    if case.kind == "linear" and case.static.get("return_lse"):
-        batch = case.arrays["labels"].shape
+    batch = _batch_shape(case)
+    if case.static.get("return_lse") or case.static.get("return_aux"):
         # Only scored rows: the lse of an unscored row is unspecified.
-        case.lse_cotangent = _cotangent(rng, batch) * scored_labels(case)
+        case.lse_cotangent = _cotangent(rng, batch) * scored_examples(case)
+    if case.static.get("return_aux"):
+        case.entropy_cotangent = _cotangent(rng, batch) * scored_examples(case)
 
 
 def _output_shape(case: Case):
-    reduction = case.static.get(
-        "reduction", "mean" if case.kind == "linear" else "none"
-    )
-    if reduction != "none":
-        return ()
+    return () if _reduction_of(case) != "none" else _batch_shape(case)
+
+
+def _batch_shape(case: Case):
     if case.kind == "bce":
         return case.arrays["logits"].shape
     if case.kind == "linear":
@@ -786,6 +846,10 @@ def _package_fn(case: Case):
                 reduction=s["reduction"],
                 normalizer=a.get("normalizer"),
                 implementation=s["implementation"],
+                temperature=s["temperature"],
+                shift=s.get("shift", 0),
+                segment_ids=a.get("segment_ids"),
+                return_aux=s["return_aux"],
             )
         if case.kind == "soft":
             return xj.softmax_cross_entropy(
@@ -799,6 +863,9 @@ def _package_fn(case: Case):
                 reduction=s["reduction"],
                 normalizer=a.get("normalizer"),
                 implementation=s["implementation"],
+                temperature=s["temperature"],
+                segment_ids=a.get("segment_ids"),
+                return_aux=s["return_aux"],
             )
         if case.kind == "focal":
             return xj.softmax_focal_loss(
@@ -832,6 +899,7 @@ def _package_fn(case: Case):
                 bias=a.get("bias"),
                 class_weights=a.get("class_weights"),
                 normalizer=a.get("normalizer"),
+                segment_ids=a.get("segment_ids"),
                 **kw,
             )
         raise AssertionError(case.kind)
@@ -906,16 +974,23 @@ def g_split(g):
 
 
 def _objective(call, case: Case):
-    """``sum(ct * loss) (+ sum(ct_lse * lse))`` and the raw output as aux."""
-    ct = case.cotangent
-    ct_lse = case.lse_cotangent
+    """``sum(ct * loss)`` plus ``sum(ct_lse * lse)`` (``return_lse``, or
+    ``aux.lse`` and ``sum(ct_entropy * aux.entropy)`` with ``return_aux``),
+    and the raw output as aux."""
 
     def g(d):
         out = call(d)
         loss = out[0] if isinstance(out, tuple) else out
-        total = jnp.sum(jnp.asarray(ct, loss.dtype) * loss)
-        if ct_lse is not None:
-            total = total + jnp.sum(jnp.asarray(ct_lse, out[1].dtype) * out[1])
+        total = jnp.sum(jnp.asarray(case.cotangent, loss.dtype) * loss)
+        extras = []
+        if case.static.get("return_aux"):
+            extras = [(case.lse_cotangent, out[1].lse)]
+            extras += [(case.entropy_cotangent, out[1].entropy)]
+        elif case.lse_cotangent is not None:
+            extras = [(case.lse_cotangent, out[1])]
+        for ct, value in extras:
+            if ct is not None:
+                total = total + jnp.sum(jnp.asarray(ct, value.dtype) * value)
         return total, out
 
     return g
@@ -937,6 +1012,9 @@ def _ref_terms(case: Case, a):
             label_smoothing=s["label_smoothing"],
             class_weights=a.get("class_weights"),
             z_loss=s["z_loss"],
+            temperature=s["temperature"],
+            shift=s.get("shift", 0),
+            segment_ids=a.get("segment_ids"),
         )
     if case.kind == "soft":
         return ref.soft_xent_terms(
@@ -947,11 +1025,13 @@ def _ref_terms(case: Case, a):
             label_smoothing=s["label_smoothing"],
             class_weights=a.get("class_weights"),
             z_loss=s["z_loss"],
+            temperature=s["temperature"],
+            segment_ids=a.get("segment_ids"),
         )
     if case.kind == "linear":
         return ref.linear_xent_terms(
             a["x"],
-            a["w"],
+            w_dv(case, a["w"]),
             a["labels"],
             bias=a.get("bias"),
             ignore_index=s["ignore_index"],
@@ -960,6 +1040,9 @@ def _ref_terms(case: Case, a):
             z_loss=s["z_loss"],
             logit_softcap=s["logit_softcap"],
             num_classes=s.get("num_classes"),
+            temperature=s["temperature"],
+            shift=s["shift"],
+            segment_ids=a.get("segment_ids"),
         )
     if case.kind == "focal":
         t = ref.integer_xent_terms(
@@ -992,29 +1075,73 @@ def _ref_terms(case: Case, a):
     raise AssertionError(case.kind)
 
 
+def w_dv(case: Case, w):
+    """``w`` as [D, V] (``w_layout="vd"`` passes its transpose)."""
+    return w.T if case.static.get("w_layout") == "vd" else w
+
+
+def _ref_logits(case: Case, a, scored):
+    """``(logits, kept classes, T)``: classes-last logits, ``T`` the
+    temperature still to divide them by (the fused loss's are tempered and
+    capped already, and of the real columns only, from the rows of ``x`` of
+    scored examples; the others zeroed: double-where)."""
+    s = case.static
+    if case.kind == "linear":
+        x = jnp.where(scored[..., None], a["x"], 0.0)
+        nc = _num_classes(case)
+        bias = a.get("bias")
+        bias = None if bias is None else bias[:nc]
+        w = w_dv(case, a["w"])[:, :nc]
+        z = ref.linear_logits(x, w, bias, s["logit_softcap"], s["temperature"])
+        return z, jnp.ones(z.shape, bool), None
+    logits = a["logits"]
+    axes = canonical_axes(s["axis"], logits.ndim)
+    x = _classes_last_jnp(logits, axes)
+    where = a.get("where")
+    keep = jnp.ones(x.shape, bool)  # a per-example where masks no class
+    if where is not None and where.shape == logits.shape:
+        keep = _classes_last_jnp(where, axes)
+    return x, keep, s["temperature"]
+
+
+def _classes_last_jnp(a, axes):
+    batch = tuple(i for i in range(a.ndim) if i not in axes)
+    n_classes = int(np.prod([a.shape[i] for i in axes]))
+    a = jnp.transpose(a, batch + axes)
+    return a.reshape(a.shape[: len(batch)] + (n_classes,))
+
+
 def _ref_output(case: Case, a):
+    """The loss; with ``return_lse`` ``(loss, lse)``, with ``return_aux``
+    ``(loss, reference.AuxStats)``."""
     terms = _ref_terms(case, a)
-    reduction = case.static.get(
-        "reduction", "mean" if case.kind == "linear" else "none"
-    )
-    loss = ref.reduce_terms(terms, reduction, a.get("normalizer"))
-    if case.kind == "linear" and case.static.get("return_lse"):
-        # Unscored rows are zeroed first (double-where): their lse is not
-        # compared, and nothing non-finite there may reach a gradient.
-        x = jnp.where(terms.scored[..., None], a["x"], 0.0)
-        z = ref.linear_logits(x, a["w"], a.get("bias"), case.static["logit_softcap"])
-        v = z.shape[-1]
-        nc = case.static.get("num_classes")
-        real = jnp.arange(v) < (v if nc is None else int(nc))
-        lse = jax.nn.logsumexp(jnp.where(real, z, -jnp.inf), axis=-1)
-        return loss, lse
+    segments = None
+    if _reduction_of(case) == "mean_per_segment":
+        segments = ref.segment_index(a.get("segment_ids"), np.shape(terms.ce))
+    loss = ref.reduce_terms(terms, _reduction_of(case), a.get("normalizer"), segments)
+    if case.static.get("return_lse"):
+        z, _, _ = _ref_logits(case, a, terms.scored)
+        return loss, jax.nn.logsumexp(z, axis=-1)
+    if case.static.get("return_aux"):
+        # Aux of every row from its own logits (lse and entropy differentiated
+        # on scored rows only: the cotangents are 0 elsewhere).
+        z, keep, t = _ref_logits(case, a, jnp.ones(np.shape(terms.ce), bool))
+        z_scored, _, _ = _ref_logits(case, a, terms.scored)
+        stats = ref.softmax_stats(z_scored, keep, t)
+        values = ref.softmax_stats(jax.lax.stop_gradient(z), keep, t)
+        ok = terms.scored
+        return loss, ref.AuxStats(
+            jnp.where(ok, stats.lse, values.lse),
+            values.argmax,
+            jnp.where(ok, stats.entropy, values.entropy),
+        )
     return loss
 
 
 def _f64_arrays(arrays):
     out = {}
     for name, value in arrays.items():
-        if name == "labels" and np.asarray(value).dtype.kind in "iub":
+        if name in ("labels", "segment_ids") and np.asarray(value).dtype.kind in "iub":
             out[name] = jnp.asarray(np.asarray(value))
         elif name == "where":
             out[name] = jnp.asarray(np.asarray(value, bool))
@@ -1031,6 +1158,7 @@ class Reference:
     grads: dict[str, Any]
     terms: list  # one reference.Terms per vmap slice (numpy)
     arrays: list  # the float64 inputs per slice (numpy)
+    logits: list  # (classes-last logits, kept classes) per slice, with return_aux
 
 
 def run_reference(case: Case) -> Reference:
@@ -1047,6 +1175,12 @@ def run_reference(case: Case) -> Reference:
     def evaluate(per_slice):
         terms = [_ref_terms(case, a) for a in per_slice]
         outs = [_ref_output(case, a) for a in per_slice]
+        logits = []
+        if case.static.get("return_aux"):
+            every = [jnp.ones(np.shape(t.ce), bool) for t in terms]
+            logits = [
+                _ref_logits(case, a, o) for a, o in zip(per_slice, every, strict=True)
+            ]
         grads = {}
         if grad:
             diff, rest = _split(per_slice[0], case.diff)
@@ -1055,11 +1189,11 @@ def run_reference(case: Case) -> Reference:
                 lambda d: g({**d, **rest}), has_aux=True
             )(diff)
             outs = [out]
-        return terms, outs, grads
+        return terms, outs, grads, logits
 
     with float64():
         inputs = [_f64_arrays(a) for a in slices]
-        terms, outs, grads = jax.jit(evaluate)(inputs)
+        terms, outs, grads, logits = jax.jit(evaluate)(inputs)
         output = outs[0]
         if case.transform == "vmap":
             output = jax.tree.map(lambda *v: np.stack(v), *outs)
@@ -1068,6 +1202,7 @@ def run_reference(case: Case) -> Reference:
             jax.tree.map(_np, grads),
             [ref.Terms(*(_np(t) for t in ts)) for ts in terms],
             [{k: _np(v) for k, v in a.items()} for a in inputs],
+            [(_np(z), _np(keep), t) for z, keep, t in logits],
         )
 
 
@@ -1084,7 +1219,8 @@ def _reduction_of(case: Case) -> str:
 
 def _num_classes(case: Case) -> int:
     if case.kind == "linear":
-        return int(case.static.get("num_classes") or case.arrays["w"].shape[1])
+        v = np.shape(w_dv(case, case.arrays["w"]))[1]
+        return int(case.static.get("num_classes") or v)
     shape = case.arrays["logits"].shape
     axes = canonical_axes(case.static["axis"], len(shape))
     return int(np.prod([shape[i] for i in axes]))
@@ -1093,25 +1229,71 @@ def _num_classes(case: Case) -> int:
 def _label_values(case: Case):
     labels = np.asarray(case.arrays["labels"])
     values = np.array(labels.reshape(-1).tolist(), dtype=object)
-    return values, labels.shape
+    return values.reshape(labels.shape)
+
+
+def _targets(case: Case):
+    """``(target label values, has_target)``: the labels moved by ``shift``
+    (exact Python ints; the last ``shift`` positions have none)."""
+    values = _label_values(case)
+    has = np.ones(values.shape, bool)
+    k = min(case.static.get("shift", 0), values.shape[-1] if values.ndim else 0)
+    if k:
+        values = np.concatenate([values[..., k:], np.zeros_like(values[..., :k])], -1)
+        has[..., values.shape[-1] - k :] = False
+    return values, has
+
+
+def _segments_allow(case: Case):
+    """Where segments let an example score (padding, and shift across a
+    segment boundary, do not)."""
+    seg = case.arrays.get("segment_ids")
+    if seg is None:
+        return True
+    seg = np.array(np.asarray(seg).tolist(), dtype=object)
+    ii = case.static.get("ignore_index")
+    ok = [v >= 0 and (ii is None or v != int(ii)) for v in seg.reshape(-1)]
+    ok = np.array(ok, bool)
+    ok = ok.reshape(seg.shape)
+    length = seg.shape[-1]
+    for k in range(1, case.static.get("shift", 0) + 1):
+        same = np.zeros(seg.shape, bool)
+        same[..., : max(length - k, 0)] = seg[..., k:] == seg[..., : length - k]
+        ok = ok & same
+    return ok
 
 
 def bad_labels(case: Case):
-    """Labels that are neither a class id nor ignore_index (exact)."""
-    values, shape = _label_values(case)
+    """Target labels that are neither a class id nor ignore_index (exact)."""
+    values, has = _targets(case)
     c = _num_classes(case)
     ii = case.static.get("ignore_index")
-    bad = [not 0 <= int(v) < c and (ii is None or int(v) != int(ii)) for v in values]
-    return np.array(bad, bool).reshape(shape)
+    bad = [
+        not 0 <= int(v) < c and (ii is None or int(v) != int(ii))
+        for v in values.reshape(-1)
+    ]
+    return np.array(bad, bool).reshape(values.shape) & has
 
 
 def scored_labels(case: Case):
-    """Labels that are a class id and not ignore_index (exact)."""
-    values, shape = _label_values(case)
+    """Target labels that are a class id and not ignore_index (exact), where
+    segments allow."""
+    values, has = _targets(case)
     c = _num_classes(case)
     ii = case.static.get("ignore_index")
-    ok = [0 <= int(v) < c and (ii is None or int(v) != int(ii)) for v in values]
-    return np.array(ok, bool).reshape(shape)
+    ok = [
+        0 <= int(v) < c and (ii is None or int(v) != int(ii))
+        for v in values.reshape(-1)
+    ]
+    return np.array(ok, bool).reshape(values.shape) & has & _segments_allow(case)
+
+
+def scored_examples(case: Case):
+    """Examples that may be scored, as far as the labels and segments tell
+    (``where`` and masked rows may still leave some out)."""
+    if case.kind in ("integer", "focal", "linear"):
+        return scored_labels(case)
+    return np.ones(_batch_shape(case), bool) & _segments_allow(case)
 
 
 def expected_errors(case: Case):
@@ -1146,6 +1328,7 @@ class RowStats:
     unshifted: np.ndarray  # of lse - x_c in unshifted coordinates
     tmass: np.ndarray  # bound on sum_c |t_c|
     lse: np.ndarray  # of the lse
+    spread: np.ndarray = None  # of softmax statistics (the entropy)
 
 
 def _softmax_row_stats(xc, keep, tmass, z_loss, delta=None):
@@ -1168,17 +1351,15 @@ def _softmax_row_stats(xc, keep, tmass, z_loss, delta=None):
         grad = grad + 2 * coef * delta
         lse = lse + 2 * delta
     unshifted = 1.0 + np.abs(m) + big + log_c
-    return RowStats(value, grad, unshifted, tmass, lse)
+    spread_scale = 1.0 + spread + log_c + (0.0 if delta is None else 2 * delta)
+    return RowStats(value, grad, unshifted, tmass, lse, spread_scale)
 
 
 def _keep_classes_last(a, logits, axes):
-    xc_shape = classes_last(logits, axes).shape
     where = a.get("where")
-    if where is None:
-        return np.ones(xc_shape, bool)
-    if where.shape == logits.shape:
+    if where is not None and where.shape == logits.shape:
         return classes_last(where, axes)
-    return np.broadcast_to(where.reshape(xc_shape[:-1] + (1,)), xc_shape)
+    return np.ones(classes_last(logits, axes).shape, bool)  # no class masked
 
 
 def _wmax(a, name):
@@ -1193,7 +1374,7 @@ def _stats(case: Case, a: dict) -> RowStats:
     if case.kind in ("integer", "soft", "focal"):
         logits = a["logits"]
         axes = canonical_axes(s["axis"], logits.ndim)
-        xc = classes_last(logits, axes)
+        xc = classes_last(logits, axes) / (s.get("temperature") or 1.0)
         keep = _keep_classes_last(a, logits, axes)
         wmax = _wmax(a, "class_weights") * _wmax(a, "alpha")
         if case.kind == "soft":
@@ -1205,15 +1386,21 @@ def _stats(case: Case, a: dict) -> RowStats:
             tmass = tmass * (1.0 + 2 * s["gamma"])
         return _softmax_row_stats(xc, keep, tmass, s.get("z_loss", 0.0))
     if case.kind == "linear":
-        x, w, b = a["x"], a["w"], a.get("bias")
+        x, w, b = a["x"], w_dv(case, a["w"]), a.get("bias")
         e = eps(case.dtype)
+        t = s.get("temperature") or 1.0
         with np.errstate(invalid="ignore", over="ignore"):
             pre = x @ w + (0.0 if b is None else b)
-            delta = np.abs(pre.astype(np.float32).astype(np.float64) - pre)
+            delta = np.abs(pre.astype(np.float32).astype(np.float64) - pre) / t
             if case.dtype == F64:
                 delta = np.zeros_like(pre)
+            pre = pre / t
             cap = s["logit_softcap"]
             z = pre
+            if t != 1.0 and cap is None:
+                # The fused loss divides x @ w + b by T before it shifts: one
+                # more rounding of the logits, of the order of the matmul's.
+                delta = delta + e * np.abs(pre)
             if cap is not None:
                 z = cap * np.tanh(pre / cap)
                 delta = delta + e * (2 * cap + np.abs(pre) / np.cosh(pre / cap) ** 2)
@@ -1235,6 +1422,8 @@ def _stats(case: Case, a: dict) -> RowStats:
 
 def _row_weights(case: Case, terms, a):
     """Per-example cotangent scale of the reduction (1 / denominator)."""
+    if _reduction_of(case) == "mean_per_segment":
+        return _segment_row_weights(terms, a)
     if _reduction_of(case) != "mean":
         return np.ones(np.shape(terms.ce))
     norm = a.get("normalizer")
@@ -1246,6 +1435,31 @@ def _row_weights(case: Case, terms, a):
         dens = [norm, norm]
     inv = max((1.0 / abs(float(d)) for d in dens if float(d) != 0), default=0.0)
     return np.full(np.shape(terms.ce), inv)
+
+
+def _segment_row_weights(terms, a):
+    """``max(1 / |D_s|, 1 / N_s) / |number of segments|`` per example."""
+    shape = np.shape(terms.ce)
+    if not shape or not np.size(terms.ce):
+        return np.ones(shape)
+    length = shape[-1]
+    index = np.arange(np.prod(shape)).reshape(shape) // length * length
+    seg = a.get("segment_ids")
+    if seg is not None:
+        new = np.concatenate(
+            [np.ones(shape[:-1] + (1,), bool), seg[..., 1:] != seg[..., :-1]], -1
+        )
+        index = index + np.cumsum(new, -1) - 1
+    index = index.reshape(-1)
+    dens = np.zeros(index.size)
+    counts = np.zeros(index.size)
+    np.add.at(dens, index, np.abs(terms.weight.reshape(-1)))
+    np.add.at(counts, index, terms.scored.reshape(-1).astype(float))
+    norm = a.get("normalizer")
+    nseg = abs(float(norm)) if norm is not None else float((counts > 0).sum())
+    inv = lambda v: np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 0.0)  # noqa: E731
+    per = np.maximum(inv(dens[index]), inv(counts[index])) * (inv(np.array(nseg)))
+    return per.reshape(shape)
 
 
 # --- comparison -------------------------------------------------------------------
@@ -1345,7 +1559,9 @@ def compare(case: Case, out, grads, r: Reference):
         want = F32 if case.dtype in (F16, BF16) else case.dtype
         if np.asarray(loss_out).dtype != want:
             raise Mismatch(f"loss dtype {np.asarray(loss_out).dtype}, expected {want}")
-    if isinstance(out, tuple):  # return_lse: finite ones of scored rows only
+    if case.static.get("return_aux"):
+        _compare_aux(case, out[1], r, stats)
+    elif isinstance(out, tuple):  # return_lse: finite ones of scored rows only
         lse_ref = np.asarray(r.output[1])
         lse_tol = np.stack([K * e * s_.lse for s_ in stats]).reshape(lse_ref.shape)
         scored = np.stack([t.scored for t in r.terms]).reshape(lse_ref.shape)
@@ -1353,6 +1569,70 @@ def compare(case: Case, out, grads, r: Reference):
         assert_match(out[1], lse_ref, lse_tol, "lse", skip=skip)
     if grads:
         _compare_grads(case, grads, r, stats[0], weights[0])
+
+
+def _compare_aux(case: Case, aux, r: Reference, stats):
+    """``return_aux`` against the reference, every row: ``scored`` exactly;
+    ``lse`` and ``entropy`` within tolerance with NaN and +-inf positions
+    exact, except that a row without a finite kept logit has ``lse`` 0 (not
+    -inf); ``argmax`` a kept class holding the row's largest logit (within
+    the logits' rounding; the first NaN of a NaN row); ``correct`` exactly
+    ``scored & (argmax == target)``."""
+    e = eps(case.dtype)
+    ref_aux = r.output[1]
+    shape = np.shape(ref_aux.lse)
+    scored = np.stack([t.scored for t in r.terms]).reshape(shape).astype(bool)
+    assert_match(aux.scored, scored, 0.0, "aux.scored")
+    lse_tol = np.stack([K * e * s_.lse for s_ in stats]).reshape(shape)
+    no_mass = np.isneginf(ref_aux.lse)
+    assert_match(aux.lse, ref_aux.lse, lse_tol, "aux.lse", skip=no_mass)
+    if np.any(no_mass & (np.asarray(aux.lse) != 0)):
+        raise Mismatch(f"aux.lse: rows without mass must be 0, got {aux.lse}")
+    ent_tol = np.stack([K * e * s_.spread for s_ in stats]).reshape(shape)
+    assert_match(aux.entropy, ref_aux.entropy, ent_tol, "aux.entropy")
+    n = len(r.logits)
+    argmax = np.asarray(aux.argmax).reshape(n, -1)
+    for i, (z, keep, t) in enumerate(r.logits):
+        z = z / (t or 1.0)
+        keep = np.broadcast_to(keep, z.shape).reshape(-1, z.shape[-1])
+        z = z.reshape(-1, z.shape[-1])
+        tol = lse_tol.reshape(n, -1)[i]
+        _check_argmax(
+            argmax[i], z, keep, tol, np.asarray(ref_aux.argmax).reshape(n, -1)[i]
+        )
+    target = _aux_target(case, r).reshape(shape)
+    want = scored & (np.asarray(aux.argmax) == target)
+    assert_match(aux.correct, want, 0.0, "aux.correct")
+
+
+def _check_argmax(got, z, keep, tol, ref_argmax):
+    for row, j in enumerate(got):
+        zk = np.where(keep[row], z[row], -np.inf)
+        nan = keep[row] & np.isnan(z[row])
+        if nan.any():
+            ok = j == ref_argmax[row]
+        elif not np.isfinite(zk).any() and not np.isposinf(zk).any():
+            continue  # no finite kept logit: any class
+        else:
+            top = np.max(zk)
+            ok = 0 <= j < z.shape[1] and keep[row, j] and z[row, j] >= top - tol[row]
+        if not ok:
+            raise Mismatch(
+                f"aux.argmax: row {row} got class {j}; logits {z[row].tolist()}, "
+                f"kept {keep[row].tolist()}"
+            )
+
+
+def _aux_target(case: Case, r: Reference):
+    """The class ``correct`` compares with: the target label, or the soft
+    target's mode."""
+    if case.kind != "soft":
+        values, _ = _targets(case)
+        c = _num_classes(case)
+        t = np.array([int(v) if 0 <= int(v) < c else -1 for v in values.reshape(-1)])
+        return np.stack([t.reshape(values.shape)] * len(r.arrays))
+    axes = canonical_axes(case.static["axis"], r.arrays[0]["labels"].ndim)
+    return np.stack([classes_last(a["labels"], axes).argmax(-1) for a in r.arrays])
 
 
 def _compare_grads(case: Case, grads, r: Reference, st_: RowStats, wts):
@@ -1364,22 +1644,29 @@ def _compare_grads_impl(case: Case, grads, r: Reference, st_: RowStats, wts):
     e = eps(case.dtype)
     terms, a = r.terms[0], r.arrays[0]
     reduction = _reduction_of(case)
-    ct_rows = np.broadcast_to(np.abs(case.cotangent), np.shape(terms.ce)) * wts
+    # d(x / T) / dx = 1 / T scales every gradient and its error.
+    chain = 1.0 / min(case.static.get("temperature") or 1.0, 1.0)
+    ct_rows = np.broadcast_to(np.abs(case.cotangent), np.shape(terms.ce)) * wts * chain
     loss = terms.ce + terms.zl
     scored = np.asarray(terms.scored, bool)
     bad = np.isnan(terms.ce) & ~scored
     finite = np.isfinite(loss)
     unscored = ~scored
     if case.lse_cotangent is not None:
-        ct_rows = ct_rows + np.abs(case.lse_cotangent)
-        finite = finite & np.isfinite(np.asarray(r.output[1]))
+        ct_rows = ct_rows + np.abs(case.lse_cotangent) * chain
+        lse = r.output[1].lse if case.static.get("return_aux") else r.output[1]
+        finite = finite & np.isfinite(np.asarray(lse))
+    if case.entropy_cotangent is not None:
+        ent = np.asarray(r.output[1].entropy)
+        ct_rows = ct_rows + np.abs(case.entropy_cotangent) * chain * st_.spread
+        finite = finite & np.isfinite(ent)
     if case.kind == "bce":
         unscored = np.zeros(np.shape(loss), bool)
     # Gradients shared by all rows (class weights, w, bias, BCE weights, alpha,
     # normalizer) are specified when every scored row is finite (and, for a
     # mean, when no out-of-range label makes the numerator NaN).
     shared_ok = bool(np.all(finite | ~scored))
-    if reduction == "mean" and bad.any():
+    if reduction in ("mean", "mean_per_segment") and bad.any():
         shared_ok = False
     if case.kind == "linear":  # x of unscored rows must not matter (class 6)
         shared_ok = shared_ok and bool(np.all(np.isfinite(a["x"][scored])))
@@ -1441,7 +1728,7 @@ def _per_row_grad(case, name, got, want, st_, ct_rows, skip_rows, zero_rows, a, 
     e = eps(case.dtype)
     if case.kind == "linear":
         # dx = dz @ w.T: the logits' gradient error times the row sums of |w|.
-        wsum = np.abs(a["w"]).sum(axis=1).max(initial=0) + 1.0
+        wsum = np.abs(w_dv(case, a["w"])).sum(axis=1).max(initial=0) + 1.0
         tol = (K * e * ct_rows * st_.grad * wsum)[..., None]
         assert_match(
             got,

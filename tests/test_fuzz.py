@@ -11,7 +11,11 @@ common offset) with per-row -inf (some, most or all classes, at the label),
 inf in unscored rows, labels in range, ignored and out of range (values that a
 narrowing or wrapping conversion would turn into a class id or into
 ``ignore_index``), every keyword option with array arguments passed as NumPy
-arrays, jnp arrays and Python lists, and a transformation: eager, ``jit``,
+arrays, jnp arrays and Python lists (the language-model ones too: a
+``temperature``, a causal ``shift``, ``segment_ids`` with padding and reused
+ids and ``reduction="mean_per_segment"``, ``return_aux`` with every ``Aux``
+field compared and ``lse`` and ``entropy`` differentiated, ``w_layout="vd"``),
+and a transformation: eager, ``jit``,
 ``vmap`` (jitted), ``grad`` with respect to every differentiable argument,
 ``jit(grad)`` or ``jit(grad(checkpoint))``. Values and gradients are compared
 with the reference evaluated in float64 on the same, exactly representable
@@ -35,7 +39,8 @@ one function):
 
 A failure prints the case (``note``), the shrunk hypothesis draws and a
 ``@reproduce_failure`` blob: the material for a regression test in
-``tests/test_regressions_bad_input.py``.
+``tests/test_regressions_bad_input.py``. ``XENT_FUZZ_LOG=path`` appends one
+line per example that passed (its function), to count a campaign's examples.
 """
 
 import os
@@ -46,6 +51,13 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 _CAMPAIGN = os.environ.get("XENT_FUZZ_EXAMPLES")
+_LOG = os.environ.get("XENT_FUZZ_LOG")
+
+
+def _passed(name):
+    if _LOG:
+        with open(_LOG, "a") as log:
+            log.write(name + "\n")
 
 
 def _settings(ci_examples):
@@ -68,6 +80,7 @@ def _run(data, kind):
     case = fs.draw_case(data.draw, kind)
     note(case.describe())
     fs.check_case(case)
+    _passed(kind)
 
 
 @_settings(22)
@@ -107,3 +120,4 @@ def test_fuzz_extras(name, data):
     case = fs.draw_extras_case(data.draw, name)
     note(case.describe())
     fs.check_extras_case(case)
+    _passed(name)
