@@ -19,7 +19,8 @@ class Aux(NamedTuple):
     """
 
     lse: jax.Array
-    """Log-sum-exp of the (tempered, capped) logits over the kept classes."""
+    """Log-sum-exp of the (tempered, capped) logits over the kept classes; 0
+    on a row without a finite kept logit (where it is ``-inf``)."""
     argmax: jax.Array
     """Predicted class (global id), the first on ties as ``jnp.argmax``."""
     correct: jax.Array

@@ -174,7 +174,8 @@ _SHARED_ARGS = """
         their ``class_weights[label]`` (their count without weights,
         PyTorch's weighted mean), plus the z-loss summed and divided by the
         number of scored examples (independent of class weights, as Liger and
-        Cut-Cross-Entropy); a term with a zero denominator is 0, not NaN.
+        Cut-Cross-Entropy); a term with a zero denominator is 0, not NaN
+        (but NaN stays NaN: out-of-range labels alone give a NaN mean).
         ``"mean_per_segment"``: that mean within each segment (see
         ``segment_ids``), then the average over the segments that score an
         example, so short sequences weigh as much as long ones.
