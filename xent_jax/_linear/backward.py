@@ -275,74 +275,90 @@ def _scatter_add(grad, columns, update, primal):
     return grad + _sharding.match_varying(scattered, primal)
 
 
-# Bytes of the float32 updates ``-k_i x_i`` the label term of a float32 ``dw``
-# makes at a time: all of them at once would be an [N, D] buffer (72 MiB at
-# N = 8192, D = 2304).
+# Bytes of the float32 updates ``-k_i x_i`` the label term of ``dw`` makes at
+# a time: all of them at once would be an [N, D] buffer (72 MiB at N = 8192,
+# D = 2304), and in 16 bits their merge by column needs two more.
 LABEL_TERM_CHUNK_BYTES = 4 * 2**20
 
 
 def _label_term_dw(dw, y, k, x, w, rows: bool, cdt):
     """``dw[:, y_i] -= k_i x_i`` (``dw[y_i]`` in the row layout) for the
-    local column ``y_i`` of each example. Summed over the data axes that
-    ``w`` is replicated over (see ``_sharding.match_varying``): then through a
-    ``dw``-sized buffer, since each device scatters to other columns."""
+    local column ``y_i`` of each example, ``LABEL_TERM_CHUNK_BYTES`` of
+    features at a time. A feature's updates meet its columns in the same
+    order as in one scatter of all of them, so the chunks change no bit.
+    Summed over the data axes that ``w`` is replicated over (see
+    ``_sharding.match_varying``): then through a ``dw``-sized buffer, since
+    each device scatters to other columns."""
+    n, d = x.shape
+    size = max(1, min(d, LABEL_TERM_CHUNK_BYTES // (4 * max(n, 1))))
     extra = _sharding.extra_varying(k, w) or _sharding.extra_varying(x, w)
     total = jnp.zeros(dw.shape, dw.dtype) if extra else dw
     total = _sharding.varying_like(total, k, x)
-    if _numerics.compute_dtype(dw.dtype) != dw.dtype:
-        total = _added_by_column(total, y, k, x, rows, cdt)
-    else:
-        total = _scattered_by_features(total, y, k, x, rows, cdt)
+    scatter = _ColumnScatter(dw, y, rows)
+
+    def chunk(f, size, total):
+        update = -_numerics.weighted(k[:, None], lay.take(x, f, size, 1).astype(cdt))
+        return scatter.add(total, update, f)
+
+    total = scatter.decoded(lay.for_blocks(d, size, chunk, scatter.encoded(total)))
     return dw + _sharding.match_varying(total, w) if extra else total
 
 
-def _scattered_by_features(dw, y, k, x, rows: bool, cdt):
-    """``_label_term_dw``'s sum for a float32 ``dw``: scatter-adds of
-    ``LABEL_TERM_CHUNK_BYTES`` of features at a time. A feature's updates
-    meet its columns in the same order as in one scatter of all of them, so
-    the chunks change no bit."""
-    n, d = x.shape
-    size = max(1, min(d, LABEL_TERM_CHUNK_BYTES // (4 * max(n, 1))))
-    vocab_axis, feature_axis = (0, 1) if rows else (1, 0)
-    dims = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(1,),
-        inserted_window_dims=(vocab_axis,),
-        scatter_dims_to_operand_dims=(vocab_axis, feature_axis),
-    )
-    mode = jax.lax.GatherScatterMode.FILL_OR_DROP
+class _ColumnScatter:
+    """``grad[f:f+F, columns] += update.T`` for updates ``[N, F]``
+    (``grad[columns, f:f+F] += update`` in the row layout), for one
+    ``columns`` and any feature range. A 16-bit ``grad`` takes the updates
+    merged by column in float32 (one rounding per column rather than one per
+    example: a frequent label's column summed in bfloat16 loses its value),
+    each column read, added to in ``grad``'s dtype and written once: the sums
+    of a scatter-add, which XLA CPU would run on a float32 copy of all of
+    ``grad``. Its gather and scatter move raw bits (``encoded``), as XLA CPU
+    runs even a 16-bit scatter without arithmetic in float32."""
 
-    def chunk(f, size, dw):
-        update = -_numerics.weighted(k[:, None], lay.take(x, f, size, 1).astype(cdt))
-        at = jnp.stack([y, jnp.full_like(y, f)], axis=1)
-        return jax.lax.scatter_add(dw, at, update.astype(dw.dtype), dims, mode=mode)
+    def __init__(self, grad, columns, rows: bool):
+        self.dtype = grad.dtype
+        self.vocab_axis, self.feature_axis = (0, 1) if rows else (1, 0)
+        self.merge = _numerics.compute_dtype(grad.dtype) != grad.dtype
+        self.columns = columns
+        if self.merge:
+            order = jnp.argsort(columns)
+            ordered = columns[order]
+            first = jnp.arange(ordered.shape[0]) == 0  # (no example: all empty)
+            starts = first | (ordered != jnp.roll(ordered, 1))
+            self.order, self.segment = order, jnp.cumsum(starts) - 1
+            # each column once; the spare entries point past the last column,
+            # where the scatter drops them
+            spare = jnp.full_like(columns, grad.shape[self.vocab_axis])
+            self.columns = spare.at[self.segment].set(ordered)
 
-    return lay.for_blocks(d, size, chunk, dw)
+    def encoded(self, grad):
+        return jax.lax.bitcast_convert_type(grad, jnp.uint16) if self.merge else grad
 
+    def decoded(self, grad):
+        return jax.lax.bitcast_convert_type(grad, self.dtype) if self.merge else grad
 
-def _added_by_column(dw, y, k, x, rows: bool, cdt):
-    """``_label_term_dw``'s sum for a 16-bit ``dw``: the examples in the order
-    of their columns, each column's updates summed in float32 and added to
-    ``dw`` once, so that the column takes one rounding rather than one per
-    example (a frequent label's column summed in bfloat16 loses its value).
-    One column at a time (``lay.block``): XLA CPU runs a 16-bit scatter, even
-    one without arithmetic, on a float32 copy of all of ``dw``."""
-    n = y.shape[0]
-    if n == 0:
-        return dw
-    order = jnp.argsort(y)  # stable: a column's examples in their order
-    ys = y[order]
-    axis = 0 if rows else 1  # dw's class axis
-
-    def step(i, carry):
-        dw, acc = carry
-        j, c = order[i], ys[i]
-        g = -_numerics.weighted(k[j], lay.block(x, j, 1, 0).astype(cdt))
-        first = (i == 0) | (c != ys[jnp.maximum(i - 1, 0)])
-        acc = jnp.where(first, 0, acc) + g  # [1, D]
-        last = (i == n - 1) | (c != ys[jnp.minimum(i + 1, n - 1)])
-        col = lay.block(dw, c, 1, axis)
-        new = col + acc.astype(dw.dtype).reshape(col.shape)
-        return lay.block_update(dw, jnp.where(last, new, col), c, axis), acc
-
-    acc = _sharding.varying_like(jnp.zeros((1, x.shape[1]), cdt), k, x)
-    return jax.lax.fori_loop(0, n, step, (dw, acc))[0]
+    def add(self, grad, update, f):
+        """``encoded(grad)`` with ``update`` ``[N, F]`` added at features
+        ``f:f+F``."""
+        va, fa = self.vocab_axis, self.feature_axis
+        at = jnp.stack([self.columns, jnp.full_like(self.columns, f)], axis=1)
+        mode = jax.lax.GatherScatterMode.FILL_OR_DROP
+        dims = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(1,),
+            inserted_window_dims=(va,),
+            scatter_dims_to_operand_dims=(va, fa),
+        )
+        if not self.merge:
+            update = update.astype(self.dtype)
+            return jax.lax.scatter_add(grad, at, update, dims, mode=mode)
+        update = jax.ops.segment_sum(
+            update[self.order], self.segment, num_segments=update.shape[0]
+        ).astype(self.dtype)
+        gather = jax.lax.GatherDimensionNumbers(
+            offset_dims=(1,), collapsed_slice_dims=(va,), start_index_map=(va, fa)
+        )
+        sizes = [update.shape[1]] * 2
+        sizes[va] = 1
+        old = jax.lax.gather(grad, at, gather, tuple(sizes), mode=mode, fill_value=0)
+        new = self.encoded(self.decoded(old) + update)
+        return jax.lax.scatter(grad, at, new, dims, mode=mode)
