@@ -568,6 +568,22 @@ def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
     assert rows <= temps[65536] * 1.05 + 2**20, (rows, temps)
 
 
+@pytest.mark.parametrize("filter_threshold", [None, 1e-6], ids=["plain", "filter"])
+def test_default_blocks_fit_the_temp_budget_at_large_depth(filter_threshold):
+    """Compile only, float32, D = 2304 (issue 11): the default blocks shrink to
+    their budget (the [token_block, D] and [D, vocab_block] blocks were 71 MiB),
+    and neither more tokens nor more classes add temporaries (the filter's
+    label term was an [N, D] update, its cond a copy of all of dx)."""
+    kw = dict(block_size=None, filter_threshold=filter_threshold, z_loss=0.0)
+    temps = {
+        (n, v): _temp_bytes(n, 2304, v, **kw)
+        for n, v in ((4096, 16384), (8192, 16384), (8192, 65536))
+    }
+    bound = (32 if filter_threshold is None else 36) * 2**20  # (the cond's copies)
+    assert max(temps.values()) <= bound, {k: t / 2**20 for k, t in temps.items()}
+    assert temps[8192, 65536] <= temps[4096, 16384] + 2**20, temps
+
+
 def test_temp_memory_with_every_option_at_lm_shape():
     """N=8192, D=1024, V=131072 (issue 13): with every option on, the fused
     loss's temporaries stay within 64 MiB (the logits would be 4 GiB)."""
