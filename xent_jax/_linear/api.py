@@ -194,8 +194,9 @@ def linear_cross_entropy(
       normalizer: Replaces the denominators of the mean, as in
         :func:`xent_jax.softmax_cross_entropy_with_integer_labels`.
       block_size: ``None`` (defaults tuned for CPU: 1024 classes per step and
-        token blocks of ``2**21 // 1024`` rows), an int (classes per step) or
-        ``(token_block, vocab_block)``. Results do not depend on it beyond
+        token blocks of ``2**21 // 1024`` rows, both halved at large ``D``
+        until the blocks' temporaries fit 24 MiB), an int (classes per step)
+        or ``(token_block, vocab_block)``. Results do not depend on it beyond
         float round-off.
       return_lse: Also return the per-example log-sum-exp of the logits,
         differentiable, with the labels' shape: ``(loss, lse)``.
