@@ -100,7 +100,10 @@ def _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt):
     )
 
 
-_kernel = xla.fused_kernel(_row_statistics, _vocab_loop)
+# Pallas calls have no derivative rules: a second derivative raises by name.
+_kernel = xla.fused_kernel(
+    xla.first_order_only(_row_statistics, 5), xla.first_order_only(_vocab_loop, 2)
+)
 
 
 def _kernels():
