@@ -526,7 +526,7 @@ def _safe_div(total, den):
     NaN total (an out-of-range label, a NaN logit) stays NaN."""
     den = jnp.asarray(den, total.dtype)
     zero = den == 0
-    empty = jnp.where(jnp.isnan(total), total, 0.0)
+    empty = jnp.where(jnp.isnan(total), jax.lax.stop_gradient(total), 0.0)
     return jnp.where(zero, empty, total / jnp.where(zero, 1.0, den))
 
 

@@ -184,6 +184,13 @@ def test_class01_mean_over_only_out_of_range_labels_is_nan(reduction):
     )
     assert float(f(x)) == 0.0
     assert np.all(np.asarray(jax.grad(f)(x)) == 0)
+    # normalizer=0 with a NaN row: a NaN mean, and still zero gradient (the
+    # NaN passes through without the undivided total's gradient).
+    x_nan = x.at[0, 1].set(jnp.nan)
+    g = jax.grad(
+        lambda x: ICE(x, jnp.array([0, 1, 2]), reduction="mean", normalizer=0.0)
+    )(x_nan)
+    assert np.all(np.asarray(g) == 0)
 
 
 def test_class01_label_forms():

@@ -67,7 +67,7 @@ def _safe_divide(total, den):
     labels (NaN, never scored) must not average to a silent 0."""
     den = jnp.asarray(den).astype(total.dtype)
     zero = den == 0
-    empty = jnp.where(jnp.isnan(total), total, 0)
+    empty = jnp.where(jnp.isnan(total), jax.lax.stop_gradient(total), 0)
     return jnp.where(zero, empty, total / jnp.where(zero, 1, den))
 
 
