@@ -1096,19 +1096,12 @@ def _ref_logits(case: Case, a, scored):
         return z, jnp.ones(z.shape, bool), None
     logits = a["logits"]
     axes = canonical_axes(s["axis"], logits.ndim)
-    x = _classes_last_jnp(logits, axes)
+    x = ref._classes_last(logits, axes)
     where = a.get("where")
     keep = jnp.ones(x.shape, bool)  # a per-example where masks no class
     if where is not None and where.shape == logits.shape:
-        keep = _classes_last_jnp(where, axes)
+        keep = ref._classes_last(where, axes)
     return x, keep, s["temperature"]
-
-
-def _classes_last_jnp(a, axes):
-    batch = tuple(i for i in range(a.ndim) if i not in axes)
-    n_classes = int(np.prod([a.shape[i] for i in axes]))
-    a = jnp.transpose(a, batch + axes)
-    return a.reshape(a.shape[: len(batch)] + (n_classes,))
 
 
 def _ref_output(case: Case, a):
