@@ -559,7 +559,9 @@ def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
     assert temps[16384] < logits_bytes / 8, temps
     assert temps[65536] <= temps[16384] * 1.05 + 2**20, temps
     w_bytes = d * 65536 * jnp.dtype(dtype).itemsize
-    assert temps[65536] < w_bytes / 4, temps
+    # (a copy of w or dw would be w_bytes, an upcast 2 w_bytes; a bfloat16 dw
+    # is written in spans of up to 8 MiB, here a quarter of it)
+    assert temps[65536] < w_bytes / 2, temps
     # A tied embedding passed as emb.T: neither W nor dW is copied.
     tied = _temp_bytes(n, d, 65536, dtype, tied=True)
     assert tied <= temps[65536] * 1.05 + 2**20, (tied, temps)

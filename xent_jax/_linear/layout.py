@@ -159,11 +159,27 @@ def block(a, start, size: Any, axis: int):
     return take(a, start, size, axis)
 
 
-def block_update(a, update, start, axis: int):
-    """``dynamic_update_slice`` of a 16-bit carry, kept in its own dtype."""
-    if _is_16bit(a):
-        a, start = jax.lax.optimization_barrier((a, start))
-    return put(a, update.astype(a.dtype), start, axis)
+def block_update(a, update, start, axis: int, dtype=None):
+    """``dynamic_update_slice`` of a loop carry, in place; ``update`` is
+    rounded to ``dtype`` (default: ``a``'s). A 16-bit float carry may be held
+    as its raw bits (``a`` ``uint16``, ``dtype`` its float type): XLA CPU runs
+    a 16-bit float update on a float32 copy of the whole carry, converted
+    there and back on every step."""
+    update = update.astype(a.dtype if dtype is None else dtype)
+    if a.dtype == jnp.uint16 and update.dtype != jnp.uint16:
+        update = raw_bits(update)
+    return put(a, update, start, axis)
+
+
+def raw_bits(a):
+    """A 16-bit float array as ``uint16`` (others as they are): XLA CPU
+    moves integers (updates, gathers, scatters) without the float32 round
+    trip it gives 16-bit floats. ``from_raw_bits`` undoes it."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_16bit(a) else a
+
+
+def from_raw_bits(a, dtype):
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
 def grouped(a, groups: int):
