@@ -685,6 +685,99 @@ def case_linear_vocab_parallel():
     return report
 
 
+def case_linear_bfloat16_split_dx():
+    """bfloat16 linear_cross_entropy whose dx accumulates in two 16-bit halves
+    (``backward.DX_SPLIT_BYTES`` = 0, so at any size): under GSPMD (w on the
+    vocabulary) and in shard_map (axis_name, check_vma on and off, where dx's
+    parts are summed over devices in float32 before rounding), every bit of
+    the value and the gradients is that of the plain float32 accumulator."""
+    from xent_jax._linear import backward, layout
+
+    rng = np.random.default_rng(11)
+    n, dim, v = 32, 16, 256
+    x = jnp.asarray(rng.normal(size=(n, dim)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(dim, v)) * 0.3, jnp.bfloat16)
+    y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    # several whole token blocks of 2 on every device (a shorter last block,
+    # or a single one, would take the plain accumulator)
+    opts = dict(z_loss=1e-3, block_size=(2, 16), reduction="mean")
+    splits = []
+    split_fn = layout.SplitFloat32.split
+
+    def counted_split(a):
+        splits.append(a.shape)
+        return split_fn(a)
+
+    def gspmd(mesh):
+        specs = (P("data"), P(None, "model"), P("data"))
+        args = [
+            jax.device_put(a, NamedSharding(mesh, s))
+            for a, s in zip((x, w, y), specs, strict=True)
+        ]
+
+        def run():
+            loss = functools.partial(xent_jax.linear_cross_entropy, **opts)
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(*args)
+
+        return run
+
+    def sharded(mesh, check_vma):
+        def step(x, w, y):
+            def loss(x, w):
+                out = xent_jax.linear_cross_entropy(
+                    x, w, y, axis_name="model", reduction_axis_name="data", **opts
+                )
+                return out if check_vma else out / mesh.shape["data"]
+
+            value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+            if not check_vma:
+                grads = (
+                    jax.lax.psum(grads[0], "model"),
+                    jax.lax.psum(grads[1], "data"),
+                )
+            return value, grads
+
+        def run():
+            return jax.jit(
+                jax.shard_map(
+                    step,
+                    mesh=mesh,
+                    in_specs=(P("data"), P(None, "model"), P("data")),
+                    out_specs=(P(), (P("data"), P(None, "model"))),
+                    check_vma=check_vma,
+                )
+            )(x, w, y)
+
+        return run
+
+    report = {}
+    default = backward.DX_SPLIT_BYTES
+    for shape in MESHES:
+        mesh = _mesh(shape)
+        runs = {"gspmd": gspmd(mesh)}
+        runs.update({f"vma={c}": sharded(mesh, c) for c in (True, False)})
+        for name, run in runs.items():
+            key = f"{name} {shape[0]}x{shape[1]}"
+            try:
+                backward.DX_SPLIT_BYTES = 0
+                layout.SplitFloat32.split = counted_split
+                splits.clear()
+                split = run()
+                assert splits, (key, "the split accumulator was not used")
+            finally:
+                backward.DX_SPLIT_BYTES = default
+                layout.SplitFloat32.split = split_fn
+            jax.clear_caches()  # traced again, with the plain accumulator
+            plain = run()
+            for s, p in zip(
+                jax.tree.leaves(split), jax.tree.leaves(plain), strict=True
+            ):
+                s, p = np.asarray(s, np.float32), np.asarray(p, np.float32)
+                assert np.array_equal(s, p), (key, np.max(np.abs(s - p)))
+            report[key] = "bitwise equal"
+    return report
+
+
 def case_gspmd_linear_explicit():
     """The same with Explicit mesh axes: the loss runs in a shard_map over the
     mesh of the inputs' types, the vocabulary split as w is."""

@@ -586,6 +586,76 @@ def test_default_blocks_fit_the_temp_budget_at_large_depth(filter_threshold):
     assert temps[8192, 65536] <= temps[4096, 16384] + 2**20, temps
 
 
+def test_bfloat16_dx_accumulator_is_half_in_temporaries():
+    """Compile only, bfloat16 at N=8192, D=2304 (issue 11): dx accumulates in
+    float32 held as two 16-bit halves, the high one in the result's buffer,
+    so the temporaries hold 36 MiB of it, not a 72 MiB float32 [N, D]."""
+    n, d = 8192, 2304
+    temp = _temp_bytes(n, d, 16384, jnp.bfloat16, block_size=None, z_loss=0.0)
+    assert temp <= n * d * 2 + 32 * 2**20, temp / 2**20  # was 95.7 MiB
+
+
+_SPLIT_DX_OPTIONS = {
+    "plain": {},
+    "filter": dict(filter_threshold=1e-3),
+    "aux_bias_vd": dict(return_aux=True, bias=True, w_layout="vd", z_loss=1e-3),
+    "smoothing_weights_softcap": dict(
+        label_smoothing=0.1, class_weights=True, logit_softcap=3.0, temperature=0.8
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(_SPLIT_DX_OPTIONS))
+def test_split_dx_accumulator_changes_no_bit(monkeypatch, name, dtype):
+    """A 16-bit dx accumulated as ``layout.SplitFloat32`` (forced here at any
+    size) gives every bit of the plain float32 accumulator, with every option,
+    several token blocks and under vmap. (The sharded modes:
+    ``sharding_checks.case_linear_bfloat16_split_dx``.)"""
+    from xent_jax._linear import backward, layout
+
+    opts = dict(_SPLIT_DX_OPTIONS[name])
+    r = np.random.default_rng(12)
+    n, d, v = 24, 16, 40
+    x = jnp.asarray(r.normal(size=(2, n, d)), dtype)
+    rows = opts.get("w_layout") == "vd"
+    w = jnp.asarray(r.normal(size=(v, d) if rows else (d, v)) * 0.4, dtype)
+    y = r.integers(0, v, n).astype(np.int32)
+    y[:3] = -100
+    if opts.pop("bias", False):
+        opts["bias"] = jnp.asarray(r.normal(size=v) * 0.3, dtype)
+    if opts.get("class_weights"):
+        opts["class_weights"] = jnp.asarray(r.uniform(0.5, 2, v), jnp.float32)
+
+    def objective(x, w):
+        out = linear_cross_entropy(
+            x, w, y, ignore_index=-100, block_size=(8, 16), **opts
+        )
+        if isinstance(out, tuple):
+            out = out[0] + 0.1 * jnp.mean(out[1].entropy) + 0.01 * jnp.mean(out[1].lse)
+        return out
+
+    def run():
+        vg = jax.value_and_grad(objective, argnums=(0, 1))
+        return jax.jit(jax.vmap(vg, in_axes=(0, None)))(x, w)
+
+    splits = []
+    split = layout.SplitFloat32.split
+    with monkeypatch.context() as m:
+        m.setattr(backward, "DX_SPLIT_BYTES", 0)
+        m.setattr(layout.SplitFloat32, "split", lambda a: splits.append(1) or split(a))
+        jax.clear_caches()
+        got = run()
+    assert splits, "the split accumulator was not used"
+    jax.clear_caches()
+    want = run()
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype
+        np.testing.assert_array_equal(
+            np.asarray(g, np.float32), np.asarray(e, np.float32)
+        )
+
+
 def test_temp_memory_with_every_option_at_lm_shape():
     """N=8192, D=1024, V=131072 (issue 13): with every option on, the fused
     loss's temporaries stay within 64 MiB (the logits would be 4 GiB)."""

@@ -32,6 +32,7 @@ CASES = (
     "gspmd_linear",
     "gspmd_linear_explicit",
     "linear_vocab_parallel",
+    "linear_bfloat16_split_dx",
     "label_range",
     "reduction_axis_checks",
     "segments_data_parallel",

@@ -182,6 +182,57 @@ def from_raw_bits(a, dtype):
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
+class SplitFloat32(NamedTuple):
+    """A float32 array held as the two 16-bit halves of its bits: an exact
+    float32 accumulator whose high half has the size of the 16-bit result
+    (``split``, ``rows``, ``put``, ``value``). A loop over blocks updates it
+    as integers, which XLA CPU moves without the float32 round trip it gives
+    a 16-bit float carry."""
+
+    high: jax.Array  # uint16
+    low: jax.Array  # uint16
+
+    @classmethod
+    def split(cls, a):
+        bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+        return cls((bits >> 16).astype(jnp.uint16), bits.astype(jnp.uint16))
+
+    def value(self):
+        high = self.high.astype(jnp.uint32) << 16
+        bits = high | self.low.astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+    def rounded(self, dtype, block: int):
+        """The value rounded to the 16-bit ``dtype``, written over the high
+        half ``block`` rows at a time (the high half's buffer is the result's)."""
+
+        def step(t, nt, high):
+            rows = SplitFloat32(high, self.low).rows(t, nt)
+            return put(high, raw_bits(rows.astype(dtype)), t, 0)
+
+        high = for_blocks(self.high.shape[0], block, step, self.high)
+        return from_raw_bits(high, dtype)
+
+    def rows(self, start, size: Any):
+        """Rows ``start:start+size`` as float32."""
+        return SplitFloat32(*(take(h, start, size, 0) for h in self)).value()
+
+    def put(self, update, start):
+        """``update`` (float32) written over rows from ``start``."""
+        # Materialised (a cond's result) before either half is written: fused
+        # into each half's update, it would read the other half after that
+        # one's write, and XLA would copy both halves to keep the old values.
+        # XLA CPU drops optimization barriers, and conds whose predicate is
+        # constant or whose branches are the same: ``start`` is a loop index
+        # (not batched under vmap), and either branch is right (x - 0 is x).
+        after = jnp.asarray(start) >= 0
+        update = jax.lax.cond(after, lambda u: u, lambda u: u - 0.0, update)
+        halves = SplitFloat32.split(update)
+        return SplitFloat32(
+            *(put(a, h, start, 0) for a, h in zip(self, halves, strict=True))
+        )
+
+
 def grouped(a, groups: int):
     """``a`` [..., V] viewed as [..., G, V / G] (a bitcast); as is when G = 1.
 
