@@ -824,6 +824,16 @@ _BAD_OPTIONS = {
     "LCE normalizer (2,)": (lambda: _lce(normalizer=jnp.ones(2)), ValueError),
     "LCE block_size=4.5": (lambda: _lce(block_size=4.5), TypeError),
     "LCE block_size=True": (lambda: _lce(block_size=True), TypeError),
+    # concrete jax scalars follow the same rules as Python and numpy ones
+    "ICE ignore_index=jnp.array(-100.0)": (
+        lambda: _ice(ignore_index=jnp.array(-100.0)),
+        TypeError,
+    ),
+    "ICE z_loss=jnp.array(True)": (lambda: _ice(z_loss=jnp.array(True)), TypeError),
+    "ICE label_smoothing=jnp.array([0.1])": (
+        lambda: _ice(label_smoothing=jnp.array([0.1])),
+        TypeError,
+    ),
 }
 
 
@@ -851,6 +861,31 @@ def test_class08_numpy_integer_scalars_are_accepted():
         (dict(ignore_index=np.int64(-100)), math.log(8)),
     ):
         _close(jax.jit(functools.partial(LCE, **kw))(x, w, y), want)
+
+
+def test_class08_concrete_jax_scalars_are_accepted_exactly():
+    """0-d jax arrays that are not traced (``jnp.float32(0.1)``,
+    ``jnp.array(-100)``, a bfloat16 scalar) are their exact value, as numpy
+    scalars are; a traced one still raises, naming the option."""
+    x = _logits((3, 5))
+    y = jnp.array([0, 4, -100])
+    for kw, plain in (
+        (dict(ignore_index=jnp.array(-100)), dict(ignore_index=-100)),
+        (
+            dict(label_smoothing=jnp.float32(0.1), z_loss=jnp.array(1e-3)),
+            dict(
+                label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(1e-3))
+            ),
+        ),
+        (dict(temperature=jnp.bfloat16(0.7)), dict(temperature=0.69921875)),
+    ):
+        plain = dict(dict(ignore_index=-100), **plain)
+        kw = dict(dict(ignore_index=-100), **kw)
+        want = ICE(x, y, **plain)
+        _close(ICE(x, y, **kw), want, rtol=0, atol=0)
+        _close(jax.jit(lambda x, kw=kw: ICE(x, y, **kw))(x), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="label_smoothing.*traced"):
+        jax.jit(lambda s: ICE(x, y, label_smoothing=s, ignore_index=-100))(0.1)
 
 
 # --- class 9: clear errors ------------------------------------------------------------

@@ -3,8 +3,9 @@
 Static options (label smoothing, z-loss, ignore_index, block sizes...) are
 Python numbers that shape the program, so they are checked here, once, and
 never truncated or coerced: an integer option takes an ``int`` (numpy integer
-scalars included, ``bool`` not), a real option a finite real number (numpy
-scalars included). A traced value raises a ``TypeError`` naming the option.
+scalars and concrete 0-d jax integer arrays included, ``bool`` not), a real
+option a finite real number (numpy scalars and concrete 0-d jax arrays
+included). A traced value raises a ``TypeError`` naming the option.
 Every front end builds one :class:`SoftmaxOptions`; the kernels read only it.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xent_jax import _checks, _sharding
@@ -42,12 +44,24 @@ def _static_error(name: str, kind: str, value: Any) -> TypeError:
     return TypeError(f"{name} must be a Python {kind}; got {value!r}.")
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d numpy array or concrete (not traced) jax array as its scalar, and
+    a 16-bit float scalar (``ml_dtypes``, not a ``numbers.Real``) as a Python
+    float, exactly; anything else as it is."""
+    concrete = isinstance(value, jax.Array) and not _traced(value)
+    if (isinstance(value, np.ndarray) or concrete) and value.ndim == 0:
+        value = np.asarray(value)[()]
+    if isinstance(value, np.generic) and jnp.issubdtype(value.dtype, jnp.floating):
+        return float(value)
+    return value
+
+
 def static_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """An ``int`` (or numpy integer scalar), at least ``minimum``."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
+    """An ``int`` (numpy or concrete 0-d jax integers included), at least
+    ``minimum``."""
+    given, value = value, _scalar(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise _static_error(name, "int", value)
+        raise _static_error(name, "int", given)
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}; got {value}.")
@@ -62,10 +76,9 @@ def static_float(
     low_open: bool = False,
 ) -> float:
     """A finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _static_error(name, "float", value)
+    given, value = value, _scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise _static_error(name, "float", given)
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}.")
