@@ -102,7 +102,7 @@ def _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt):
 
 # Pallas calls have no derivative rules: a second derivative raises by name.
 _kernel = xla.fused_kernel(
-    xla.first_order_only(_row_statistics, 5), xla.first_order_only(_vocab_loop, 2)
+    common.first_order_only(_row_statistics, 5), common.first_order_only(_vocab_loop, 2)
 )
 
 

@@ -83,32 +83,4 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
     return kernel
 
 
-def first_order_only(fn, num_arrays: int):
-    """``fn`` (``num_arrays`` array arguments, then static ones) refusing to
-    be differentiated, by name: Pallas kernels have no derivative rules, and
-    grad of grad, ``jax.hessian`` or a jvp of the gradient through them
-    failed with a bare ``AssertionError`` deep inside JAX."""
-
-    def wrapped(*args):
-        arrays, static = args[:num_arrays], args[num_arrays:]
-
-        @jax.custom_jvp
-        def run(*arrays):
-            return fn(*arrays, *static)
-
-        run.defjvp(_refuse_derivative)
-        return run(*arrays)
-
-    return wrapped
-
-
-def _refuse_derivative(primals, tangents):
-    raise NotImplementedError(
-        "linear_cross_entropy's gradient cannot be differentiated with "
-        "implementation='pallas_tpu' or 'pallas_triton' (grad of grad, "
-        "jax.hessian, a jvp of the gradient): use implementation='xla' (its "
-        "backward is differentiable) or 'reference'."
-    )
-
-
 _kernel = fused_kernel()
