@@ -745,6 +745,48 @@ def test_class07_temperature_offset_cancels_before_the_division(impl):
     _close(got, want, rtol=4e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_size", [None, (2, 4)])
+def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(block_size):
+    """Fuzzer campaign, stop 19 (float32, logits ~1e30, temperature=3, jit):
+    ``lse`` was inf. XLA turned ``/ T`` into ``* (1/T)`` and LLVM contracted
+    that multiply with the shift's subtraction into an FMA in one fusion and
+    not in another, so the block max and ``exp(z - max)`` saw logits one
+    rounding (~1e23) apart. Loss, lse and gradients now match float64."""
+    rng = np.random.default_rng(13572)
+    scale = 2.0**50
+    x = jnp.asarray(rng.integers(-8, 9, size=(4, 3)) * scale / 8, jnp.float32)
+    w = jnp.asarray(rng.integers(-8, 9, size=(3, 8)) * scale / 4, jnp.float32)
+    b = jnp.asarray(rng.integers(-8, 9, size=8) * scale**2 / 8, jnp.float32)
+    y = jnp.array([5, 3, 0, 0])
+    t = 3.0
+
+    def objective(linear, x, w, b):
+        loss, lse = linear(x, w, y, bias=b, temperature=t, return_lse=True)
+        return jnp.sum(loss) + 0.5 * jnp.sum(lse), (loss, lse)
+
+    def reference(x, w, b):
+        terms = ref.linear_xent_terms(x, w, y, bias=b, temperature=t)
+        z = ref.linear_logits(x, w, bias=b, temperature=t)
+        return terms.ce, jax.scipy.special.logsumexp(z, axis=-1)
+
+    fused = functools.partial(LCE, reduction="none", block_size=block_size)
+    (_, got), grads = jax.jit(
+        jax.value_and_grad(functools.partial(objective, fused), (0, 1, 2), True)
+    )(x, w, b)
+    with float64():
+        args = [np.asarray(a, np.float64) for a in (x, w, b)]
+        want = reference(*args)
+        want_grads = jax.grad(
+            lambda *a: jnp.sum(reference(*a)[0]) + 0.5 * jnp.sum(reference(*a)[1]),
+            (0, 1, 2),
+        )(*args)
+    for g, e in zip(got, want, strict=True):
+        assert np.all(np.isfinite(g)), g
+        _close(g, e, rtol=1e-5)
+    for g, e in zip(grads, want_grads, strict=True):
+        _close(g, e, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(e))))
+
+
 @pytest.mark.parametrize("offset", [1e4, -1e4])
 def test_class07_large_offset_in_the_bias_linear(offset):
     """The fused loss with the offset in the bias (x and w dyadic, so that the
