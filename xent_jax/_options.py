@@ -77,7 +77,7 @@ def static_float(
 ) -> float:
     """A finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
     given, value = value, _scalar(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _static_error(name, "float", given)
     value = float(value)
     if not math.isfinite(value):

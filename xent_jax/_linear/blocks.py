@@ -47,23 +47,23 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     16-bit inputs) accumulation; only the block is ever cast.
     """
     op = jnp.promote_types(xb.dtype, wb.dtype)
-    uncapped_temperature = opts.temperature is not None and opts.logit_softcap is None
-    if uncapped_temperature:
+    bias = None if bb is None else bb.astype(cdt)
+    divide_inputs = opts.temperature is not None and opts.logit_softcap is None
+    if divide_inputs:
         # Divide x (in cdt), not the logits: XLA turns "/ T" into "* (1/T)",
         # and LLVM contracts that multiply with the shift's subtraction into
         # an FMA in some fusions and not others, so at |z| ~ 1e30 the block
         # max and exp(z - max) saw logits a rounding apart: exp(+-1e23), an
-        # inf or zero sum (fuzzer, stop 19). Without a multiply in the chain
-        # every fusion rounds z alike. (Capped logits are bounded: harmless.)
+        # inf or zero sum. Without a multiply in the chain every fusion
+        # rounds z alike. (Capped logits are bounded: harmless there.)
         xb = _numerics.tempered(xb.astype(cdt), opts.temperature)
+        if bias is not None:
+            bias = _numerics.tempered(bias, opts.temperature)
         op = jnp.promote_types(cdt, wb.dtype)
     raw = dot(xb.astype(op), wb.astype(op), ((1,), (1 if rows else 0,)), cdt)
-    if bb is not None:
-        b = bb.astype(cdt)
-        raw = raw + (
-            _numerics.tempered(b, opts.temperature) if uncapped_temperature else b
-        )
-    if uncapped_temperature:
+    if bias is not None:
+        raw = raw + bias
+    if divide_inputs:
         return raw
     raw = _numerics.tempered(raw, opts.temperature)
     if opts.logit_softcap is None:

@@ -256,7 +256,9 @@ def dw_part(xb, dz, scored, spec: Spec):
 
 
 def capped(raw, bias, opts: SoftmaxOptions):
-    """``cap((raw + bias) / T)``, as ``blocks.logits`` after its matmul."""
+    """``cap((raw + bias) / T)``, as ``blocks.logits`` after its matmul
+    (which, without a cap, divides ``x`` and the bias by ``T`` instead; in a
+    Pallas kernel the max and the exponentials read the same block)."""
     if bias is not None:
         raw = raw + bias
     raw = _numerics.tempered(raw, opts.temperature)
