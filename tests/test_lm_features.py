@@ -196,6 +196,34 @@ def test_entropy_gradient_from_bfloat16_is_rounded_once(impl, soft):
     np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-30)
 
 
+@pytest.mark.parametrize("impl", CORE_IMPLS)
+def test_all_cotangents_from_bfloat16_are_rounded_once(impl):
+    """Found by the differential fuzzer (issue 9): with soft labels, 16-bit
+    logits and return_aux, the XLA kernel took the softmax and target parts of
+    the gradient from the softmax saved in bfloat16 and only the entropy's part
+    from float32. The three parts cancel: 1.4375 - 1.4177 - 0.1112 gave
+    -0.0874 instead of -0.0914. With the logits kept, the whole gradient now
+    uses the float32 softmax, and each element is the float64 gradient of the
+    same bfloat16 inputs, rounded once."""
+    rng = np.random.default_rng(3)
+    z = jnp.asarray(2.5 * rng.normal(size=(2, 4, 3)), jnp.bfloat16)
+    t = rng.uniform(0, 1.4, size=(2, 4, 3)) * (rng.random((2, 4, 3)) < 0.7)
+    t = jnp.asarray(t, jnp.bfloat16)
+    c_lse = jnp.asarray([[-1.25, -1.75, 2.0], [1.75, 2.0, -2.0]])
+    c_h = jnp.asarray([[1.25, 0.75, 2.0], [-0.5, 0.5, -1.75]])
+
+    def objective(z, t, impl):
+        kw = dict(axis=1, temperature=0.7, return_aux=True, reduction="sum")
+        loss, aux = xj.softmax_cross_entropy(z, t, implementation=impl, **kw)
+        return -1.75 * loss + jnp.sum(c_lse * aux.lse) + jnp.sum(c_h * aux.entropy)
+
+    got = np.asarray(jax.grad(objective)(z, t, impl), np.float64)
+    with jax.enable_x64(True):
+        z64, t64 = (np.asarray(a, np.float64) for a in (z, t))
+        want = np.asarray(jax.grad(objective)(z64, t64, "reference"))
+    np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-30)
+
+
 # --- temperature ----------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ Only what is differentiated is paid for (``symbolic_zeros``): the logits are
 kept for the backward pass only when the class weights or soft labels are
 differentiated, or for ``return_aux`` with 16-bit logits: the entropy's
 gradient cancels where the softmax is flat and needs ``log p`` in float32.
+Where 16-bit logits are kept, the whole gradient uses the float32 softmax
+recomputed from them, since its parts can cancel each other too.
 """
 
 from __future__ import annotations
@@ -152,12 +154,16 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
     coef, label_coef = _stats.logit_coefficients(g_ce, g_lse, sum_t, saved.scored)
-    pf = p.astype(dtype)
+    wants_entropy = entropy is not None and not _numerics.is_zero(cotangents.entropy)
+    pf, log_p = p.astype(dtype), None
+    if saved.x is not None and (wants_entropy or dtype != x_dtype):
+        log_p = _log_softmax(saved, opts, shift, log_se)
+        pf = jnp.exp(log_p)
     d_x = _stats.softmax_part(coef, pf)
     d_x = d_x - label_coef[..., None] * tg.targets(saved, opts, dtype, p.shape)
-    if entropy is not None and not _numerics.is_zero(cotangents.entropy):
+    if wants_entropy:
         g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
-        d_x = d_x - _entropy_part(g_h, saved, opts, pf, shift, log_se, entropy)
+        d_x = d_x - _entropy_part(g_h, pf, log_p, entropy)
     # The chain factor of the temperature, d(x / T) / dx = 1 / T.
     d_x = _numerics.tempered(d_x, opts.temperature).astype(x_dtype)
     if saved.x is not None:
@@ -175,20 +181,25 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     return (d_inputs,)
 
 
-def _entropy_part(g_h, saved: Inputs, opts, pf, shift, log_se, entropy):
-    """``g_h dH/dx = -g_h p (log p + H)`` before the temperature's factor.
+def _log_softmax(saved: Inputs, opts, shift, log_se):
+    """``log p`` in the compute dtype, recomputed from the saved logits.
 
-    ``log p + H`` cancels where the softmax is flat, so a softmax saved in 16
-    bits (relative error 2^-9) gave errors of a thousand ulps of the gradient:
-    from 16-bit logits ``log p`` is recomputed in float32 from the logits.
+    Where the parts of the gradient cancel (``p`` against ``t`` or against
+    the entropy's ``p (log p + H)``), a softmax saved in 16 bits (relative
+    error 2^-9) gave errors of a thousand ulps of the gradient, so whenever
+    16-bit logits are kept for the backward pass the whole gradient uses the
+    float32 softmax.
     """
-    if saved.x is None:
+    xm = tg.masked_logits(saved, log_se.dtype)
+    log_p = _numerics.tempered(xm - shift[..., None], opts.temperature)
+    return log_p - log_se[..., None]
+
+
+def _entropy_part(g_h, pf, log_p, entropy):
+    """``g_h dH/dx = -g_h p (log p + H)`` before the temperature's factor;
+    ``log p`` is ``_log_softmax``'s where the logits were kept."""
+    if log_p is None:
         log_p = jnp.log(pf)
-    else:
-        xm = tg.masked_logits(saved, log_se.dtype)
-        log_p = _numerics.tempered(xm - shift[..., None], opts.temperature)
-        log_p = log_p - log_se[..., None]
-        pf = jnp.exp(log_p)
     d_log_p = _numerics.weighted(pf, log_p + entropy[..., None])
     return _stats.softmax_part(g_h, d_log_p)
 
