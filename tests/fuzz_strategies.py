@@ -690,8 +690,10 @@ def draw_linear_case(draw):
     normalizer, form = _normalizer(draw, reduction, z_loss > 0, x64)
     if normalizer is not None:
         arrays["normalizer"], forms["normalizer"] = normalizer, form
+    # The Pallas kernels run interpreted on CPU; they take no float64.
+    pallas = ["pallas_triton", "pallas_tpu"] if dtype != F64 else []
     static["implementation"] = draw(
-        st.sampled_from([None, "reference"]), label="implementation"
+        st.sampled_from([None, "reference", *pallas]), label="implementation"
     )
     transform = _transform(draw)
     per_example = ("x", "labels", "segment_ids")

@@ -15,6 +15,7 @@ arrays, jnp arrays and Python lists (the language-model ones too: a
 ``temperature``, a causal ``shift``, ``segment_ids`` with padding and reused
 ids and ``reduction="mean_per_segment"``, ``return_aux`` with every ``Aux``
 field compared and ``lse`` and ``entropy`` differentiated, ``w_layout="vd"``),
+``implementation=`` (the fused loss's Pallas kernels too, interpreted),
 and a transformation: eager, ``jit``,
 ``vmap`` (jitted), ``grad`` with respect to every differentiable argument,
 ``jit(grad)`` or ``jit(grad(checkpoint))``. Values and gradients are compared

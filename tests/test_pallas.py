@@ -227,6 +227,27 @@ def test_registered_not_default():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    """Found by the differential fuzzer (issue 9): no tokens raised
+    ZeroDivisionError from the grid's size; the value and the (zero) gradients
+    are the XLA kernel's."""
+    x, w, b, y, _, _ = _data(jnp.float32, False)
+
+    def step(x, w, b, impl, reduction):
+        def loss(x, w, b):
+            kw = dict(bias=b, reduction=reduction, implementation=impl)
+            return jnp.sum(linear_cross_entropy(x, w, y[:0], **kw))
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+
+    for reduction in ("none", "sum"):
+        got = step(x[:0], w, b, impl, reduction)
+        want = step(x[:0], w, b, "xla", reduction)
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_symbolic_shapes_are_refused(impl):
     n = jax.export.symbolic_shape("n")[0]
     f = jax.jit(lambda x, w, y: linear_cross_entropy(x, w, y, implementation=impl))

@@ -47,6 +47,8 @@ def linear_pallas_tpu(x, w, bias, labels: Labels, class_weights, opts, layout: L
     """Per-example statistics (``_stats.KernelOut``) of ``x @ w + bias`` by
     the Mosaic kernels (see the module docstring)."""
     common.check_supported(x, w, NAME)
+    if x.shape[0] == 0:  # no tokens: no grid to launch
+        return xla.linear_xla(x, w, bias, labels, class_weights, opts, layout)
     return _kernel(x, w, bias, labels, class_weights, opts, layout)
 
 

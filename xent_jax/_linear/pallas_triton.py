@@ -48,6 +48,8 @@ def linear_pallas_triton(
     """Per-example statistics (``_stats.KernelOut``) of ``x @ w + bias`` by
     the Triton kernels (see the module docstring)."""
     common.check_supported(x, w, NAME)
+    if x.shape[0] == 0:  # no tokens: no grid to launch
+        return xla.linear_xla(x, w, bias, labels, class_weights, opts, layout)
     return _kernel(x, w, bias, labels, class_weights, opts, layout)
 
 
