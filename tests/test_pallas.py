@@ -358,6 +358,8 @@ EXPORT_OPTIONS = {
         ),
     ),
     "aux_rows_f32": (jnp.float32, True, dict(return_aux=True, num_classes=4990)),
+    # without a cap the temperature divides the x tile, in float32
+    "temperature_bf16": (jnp.bfloat16, False, dict(temperature=0.7, z_loss=1e-4)),
     "filter_rows_bf16": (jnp.bfloat16, True, dict(filter_threshold=1e-5)),
 }
 

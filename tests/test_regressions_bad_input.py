@@ -745,13 +745,18 @@ def test_class07_temperature_offset_cancels_before_the_division(impl):
     _close(got, want, rtol=4e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_size", [None, (2, 4)])
-def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(block_size):
+@pytest.mark.parametrize(
+    "impl, block_size",
+    [("xla", None), ("xla", (2, 4)), ("pallas_triton", None), ("pallas_tpu", None)],
+)
+def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(impl, block_size):
     """Fuzzer campaign, stop 19 (float32, logits ~1e30, temperature=3, jit):
     ``lse`` was inf. XLA turned ``/ T`` into ``* (1/T)`` and LLVM contracted
     that multiply with the shift's subtraction into an FMA in one fusion and
     not in another, so the block max and ``exp(z - max)`` saw logits one
-    rounding (~1e23) apart. Loss, lse and gradients now match float64."""
+    rounding (~1e23) apart. Loss, lse and gradients now match float64. The
+    Pallas kernels (interpreted) gave inf eagerly too until they divided x
+    and the bias before the matmul as well (stop 20)."""
     rng = np.random.default_rng(13572)
     scale = 2.0**50
     x = jnp.asarray(rng.integers(-8, 9, size=(4, 3)) * scale / 8, jnp.float32)
@@ -769,7 +774,9 @@ def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(block_size):
         z = ref.linear_logits(x, w, bias=b, temperature=t)
         return terms.ce, jax.scipy.special.logsumexp(z, axis=-1)
 
-    fused = functools.partial(LCE, reduction="none", block_size=block_size)
+    fused = functools.partial(
+        LCE, reduction="none", block_size=block_size, implementation=impl
+    )
     (_, got), grads = jax.jit(
         jax.value_and_grad(functools.partial(objective, fused), (0, 1, 2), True)
     )(x, w, b)

@@ -39,6 +39,12 @@ def dot(a, b, contract, cdt):
     return jax.lax.platform_dependent(a, b, cpu=cpu, default=native)
 
 
+def divides_inputs(opts: SoftmaxOptions) -> bool:
+    """Whether the temperature divides ``x`` and the bias before the matmul
+    rather than the logits after it (without a soft cap; see ``logits``)."""
+    return opts.temperature is not None and opts.logit_softcap is None
+
+
 def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     """The logits of a block: ``cap((xb @ wb + bb) / T)`` for ``xb`` [nt, D],
     ``wb`` [D, c] (``wb`` [c, D] when ``rows``) and the bias ``bb`` [c].
@@ -48,7 +54,7 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     """
     op = jnp.promote_types(xb.dtype, wb.dtype)
     bias = None if bb is None else bb.astype(cdt)
-    divide_inputs = opts.temperature is not None and opts.logit_softcap is None
+    divide_inputs = divides_inputs(opts)
     if divide_inputs:
         # Divide x (in cdt), not the logits: XLA turns "/ T" into "* (1/T)",
         # and LLVM contracts that multiply with the shift's subtraction into

@@ -147,7 +147,10 @@ def column_fields(w, bias, class_weights, opts, layout, cdt) -> dict:
     v = fwd.vocab_size(w, layout)
     cols = {}
     if bias is not None:
-        cols["bias"] = bias.astype(cdt)[None]
+        bias = bias.astype(cdt)
+        if blocks.divides_inputs(opts):  # once, outside the kernels
+            bias = _numerics.tempered(bias, opts.temperature)
+        cols["bias"] = bias[None]
     if layout.padded:
         real = ClassAxis(opts.axis_name).ids(v) < opts.num_classes
         cols["real"] = real.astype(cdt)[None]
@@ -226,19 +229,26 @@ def finish_backward(saved, dx, dw, db, dcw):
 # --- inside the kernels -------------------------------------------------------
 
 
-def dot(a, b, contract: tuple[tuple[int], tuple[int]], spec: Spec):
-    """``a . b`` in the operand dtype with float32 accumulation."""
+def dot(a, b, contract: tuple[tuple[int], tuple[int]], spec: Spec, op=None):
+    """``a . b`` in the operand dtype (or ``op``) with float32 accumulation."""
+    op = spec.op if op is None else op
     return jax.lax.dot_general(
-        a.astype(spec.op),
-        b.astype(spec.op),
+        a.astype(op),
+        b.astype(op),
         (contract, ((), ())),
         preferred_element_type=spec.cdt,
     )
 
 
 def raw_logits(xb, wb, spec: Spec):
-    """``xb [tn, k] . wb`` (``wb`` ``[k, tv]``, or ``[tv, k]`` in rows)."""
-    return dot(xb, wb, ((1,), (1 if spec.rows else 0,)), spec)
+    """``xb [tn, k] . wb`` (``wb`` ``[k, tv]``, or ``[tv, k]`` in rows); ``xb``
+    divided by the temperature first (in float32) where ``blocks.logits``
+    divides it."""
+    contract = ((1,), (1 if spec.rows else 0,))
+    if not blocks.divides_inputs(spec.opts):
+        return dot(xb, wb, contract, spec)
+    xb = _numerics.tempered(xb.astype(spec.cdt), spec.opts.temperature)
+    return dot(xb, wb, contract, spec, op=jnp.promote_types(spec.cdt, spec.op))
 
 
 def dx_part(dz, wb, spec: Spec):
@@ -256,11 +266,13 @@ def dw_part(xb, dz, scored, spec: Spec):
 
 
 def capped(raw, bias, opts: SoftmaxOptions):
-    """``cap((raw + bias) / T)``, as ``blocks.logits`` after its matmul
-    (which, without a cap, divides ``x`` and the bias by ``T`` instead; in a
-    Pallas kernel the max and the exponentials read the same block)."""
+    """``cap((raw + bias) / T)`` from ``raw_logits``, as ``blocks.logits``
+    (which, without a cap, divides ``x`` and the bias by ``T`` before the
+    matmul: ``raw_logits`` and ``column_fields`` did)."""
     if bias is not None:
         raw = raw + bias
+    if blocks.divides_inputs(opts):
+        return raw
     raw = _numerics.tempered(raw, opts.temperature)
     if opts.logit_softcap is None:
         return raw
