@@ -248,6 +248,29 @@ def test_empty_batch(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_float32_under_x64(impl):
+    """Found by the differential fuzzer (issue 9): with x64 on, the Triton
+    kernel's D loop counted in int64 and the interpreter's atomic add refused
+    its mixed int32/int64 indices (TypeError in every gradient)."""
+    x, w, b, y, cw, _ = _data(jnp.float32, False)
+
+    def step(impl):
+        def loss(x, w, b, cw):
+            kw = dict(
+                bias=b, class_weights=cw, label_smoothing=0.1, ignore_index=IGNORE
+            )
+            return linear_cross_entropy(x, w, y, implementation=impl, **kw)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, w, b, cw)
+
+    with jax.enable_x64(True):
+        got, want = step(impl), step("reference")
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_symbolic_shapes_are_refused(impl):
     n = jax.export.symbolic_shape("n")[0]
     f = jax.jit(lambda x, w, y: linear_cross_entropy(x, w, y, implementation=impl))

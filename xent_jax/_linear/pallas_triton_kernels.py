@@ -62,6 +62,13 @@ def _ids(start, size: int, axis: int):
     return start + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def _int32_loop(n: int, step, carry):
+    """``fori_loop(0, n, ...)`` with an int32 index, as the program ids: under
+    x64 a Python bound made it int64, and the interpreter's atomic add refused
+    indices of mixed dtypes (found by the fuzzer, issue 9)."""
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(n), step, carry)
+
+
 def _load_x(x_ref, r0, k0, spec):
     """``x[r0:r0+tn, k0:k0+td]``, 0 outside ``x``."""
     mask = (_ids(r0, spec.tn, 0) < spec.n) & (_ids(k0, spec.td, 1) < spec.d)
@@ -90,7 +97,7 @@ def _logits(x_ref, w_ref, colv: dict, r0, c0, col, spec):
         return acc + common.raw_logits(xb, wb, spec)
 
     zero = jnp.zeros((spec.tn, spec.tv), spec.cdt)
-    raw = jax.lax.fori_loop(0, pl.cdiv(spec.d, spec.td), step, zero)
+    raw = _int32_loop(pl.cdiv(spec.d, spec.td), step, zero)
     z = common.capped(raw, colv.get("bias"), spec.opts)
     ok = common.column_mask(col, colv, spec, True)
     return z, jnp.where(ok, z, -jnp.inf)
@@ -115,7 +122,7 @@ def _forward_kernel(x_ref, w_ref, rows, cols, out, *, spec, per_split):
 
     u0 = jnp.zeros((1, 1), spec.cdt) if "u" in cols else None
     init = (common.init_stats(out, (spec.tn, 1), spec.cdt), u0)
-    st, _ = jax.lax.fori_loop(0, per_split, step, init)
+    st, _ = _int32_loop(per_split, step, init)
     n_pad = out["row_max"].shape[0] // spec.splits
     for k, ref in out.items():
         ref[pl.ds(s * n_pad + r0, spec.tn), :] = st[k]
@@ -132,7 +139,7 @@ def _backward_kernel(x_ref, w_ref, rows, cols, _zeros, out, *, spec):
     dz, zs, p = common.gradient_tile(z, zm, rowv, hit, colv.get("u"), spec.opts)
     inside = (_ids(r0, spec.tn, 0) < spec.n) & (col < spec.v)
     dz = jnp.where(inside, dz, 0)
-    cols_at = (pl.ds(0, 1), pl.ds(c0, spec.tv))
+    cols_at = (pl.ds(jnp.int32(0), 1), pl.ds(c0, spec.tv))
     if "dcw" in out:  # label smoothing: never filtered
         ok = common.both(inside, common.column_mask(col, colv, spec, False))
         sums = common.smoothing_column_sums(zs, rowv, ok)
@@ -165,4 +172,4 @@ def _accumulate(x_ref, w_ref, dz, scored, out, r0, c0, spec):
             plgpu.atomic_add(out["dw"], at[::-1] if spec.rows else at, part)
         return carry
 
-    jax.lax.fori_loop(0, pl.cdiv(spec.d, spec.td), step, 0)
+    _int32_loop(pl.cdiv(spec.d, spec.td), step, 0)
