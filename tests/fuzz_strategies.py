@@ -425,6 +425,23 @@ def _segment_ids(draw, rng, batch_shape, ignore_index, x64):
     return np.array(ids.reshape(batch_shape).tolist(), dtype=object).astype(dtype)
 
 
+def _keep_shifted_labels(keep, anchors, label_codes, shift: int, batch_shape):
+    """``keep`` with, in each row that keeps a class, the class of the label
+    it is scored against under ``shift`` (the one at ``t + shift``): never a
+    label on a masked class, where the reference (target masked: 0) and the
+    package (as optax: lse over the kept classes - x_y) differ."""
+    keep = keep.copy()
+    ids = np.arange(len(anchors)).reshape(batch_shape)
+    if ids.ndim == 0:
+        return keep
+    source = ids[..., shift:].reshape(-1)
+    target = ids[..., : ids.shape[-1] - shift].reshape(-1)
+    for t, src in zip(target, source, strict=True):
+        if label_codes[src] == "class" and keep[t].any():
+            keep[t, anchors[src]] = True
+    return keep
+
+
 def _lm_options(draw, rng, case_static, arrays, forms, batch_shape, kind, x64):
     """Temperature, shift (integer labels), segment ids and return_aux."""
     case_static["temperature"] = draw(
@@ -542,6 +559,11 @@ def draw_softmax_case(draw, kind):
     if kind in ("integer", "soft"):
         _lm_options(draw, rng, static, arrays, forms, batch_shape, kind, x64)
         static["return_aux"] = draw(st.booleans(), label="return_aux")
+    if static.get("shift") and where_kind == "class":
+        keep = _keep_shifted_labels(
+            keep, anchors, label_codes, static["shift"], batch_shape
+        )
+        arrays["where"] = from_classes_last(keep, shape, axes)
     if kind == "focal":
         static["gamma"] = draw(st.sampled_from([2.0, 0.0, 1.0]), label="gamma")
         alpha = draw(st.sampled_from([None, "scalar", "per_class"]), label="alpha")

@@ -794,6 +794,25 @@ def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(impl, block_s
         _close(g, e, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(e))))
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_class07_mean_per_segment_is_exact_in_float64(impl):
+    """Fuzzer campaign, stop 20 (float64, C = 1, z_loss, reduction
+    "mean_per_segment"): the segments' counts and their inverses were float32,
+    so a mean over 3 examples was off by 3e-8 relative under x64. It now
+    equals the float64 mean (and "mean") to the last bits."""
+    x = np.array([[0.2514604421867866], [-0.2642097265826038], [1.2808453008865641]])
+    y = np.array([[0.0], [1.0], [1.0]])
+    seg = np.array([0, 0, 0])
+    with float64():
+        kw = dict(z_loss=1e-3, implementation=impl)
+        got = SCE(x, y, segment_ids=seg, reduction="mean_per_segment", **kw)
+        mean = SCE(x, y, reduction="mean", **kw)
+        assert got.dtype == jnp.float64
+    want = float(np.mean(1e-3 * x[:, 0] ** 2))  # C = 1: lse = x, ce = 0
+    np.testing.assert_allclose(float(got), want, rtol=4e-16)
+    np.testing.assert_allclose(float(got), float(mean), rtol=4e-16)
+
+
 @pytest.mark.parametrize("offset", [1e4, -1e4])
 def test_class07_large_offset_in_the_bias_linear(offset):
     """The fused loss with the offset in the bias (x and w dyadic, so that the

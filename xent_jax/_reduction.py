@@ -145,7 +145,9 @@ def reduce_softmax(
     if opts.z_loss:
         z = jnp.where(scored, opts.z_loss * jnp.square(lse), 0).astype(ce.dtype)
     if opts.reduction == "mean_per_segment":
-        w_ce, w_z, num_segments = _segments.mean_weights(scored, label_weight, segments)
+        w_ce, w_z, num_segments = _segments.mean_weights(
+            scored, label_weight, segments, ce.dtype
+        )
         values = ce * w_ce if z is None else ce * w_ce + z * w_z
         parts = [Part(values, num_segments)]
         return reduce_loss(
