@@ -54,8 +54,7 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     """
     op = jnp.promote_types(xb.dtype, wb.dtype)
     bias = None if bb is None else bb.astype(cdt)
-    divide_inputs = divides_inputs(opts)
-    if divide_inputs:
+    if divides_inputs(opts):
         # Divide x (in cdt), not the logits: XLA turns "/ T" into "* (1/T)",
         # and LLVM contracts that multiply with the shift's subtraction into
         # an FMA in some fusions and not others, so at |z| ~ 1e30 the block
@@ -67,9 +66,17 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
             bias = _numerics.tempered(bias, opts.temperature)
         op = jnp.promote_types(cdt, wb.dtype)
     raw = dot(xb.astype(op), wb.astype(op), ((1,), (1 if rows else 0,)), cdt)
+    return capped(raw, bias, opts)
+
+
+def capped(raw, bias, opts: SoftmaxOptions):
+    """``cap((raw + bias) / T)`` from a block's matmul ``raw``; only ``+
+    bias`` where ``divides_inputs`` (``x`` and ``bias`` were divided by ``T``
+    before the matmul). The Pallas kernels' logits too, so that every kernel
+    rounds them alike."""
     if bias is not None:
         raw = raw + bias
-    if divide_inputs:
+    if divides_inputs(opts):
         return raw
     raw = _numerics.tempered(raw, opts.temperature)
     if opts.logit_softcap is None:

@@ -265,21 +265,6 @@ def dw_part(xb, dz, scored, spec: Spec):
     return dot(xb, dz, ((0,), (0,)), spec)
 
 
-def capped(raw, bias, opts: SoftmaxOptions):
-    """``cap((raw + bias) / T)`` from ``raw_logits``, as ``blocks.logits``
-    (which, without a cap, divides ``x`` and the bias by ``T`` before the
-    matmul: ``raw_logits`` and ``column_fields`` did)."""
-    if bias is not None:
-        raw = raw + bias
-    if blocks.divides_inputs(opts):
-        return raw
-    raw = _numerics.tempered(raw, opts.temperature)
-    if opts.logit_softcap is None:
-        return raw
-    s = opts.logit_softcap
-    return s * jnp.tanh(raw / s)
-
-
 def nan_max(a, b):
     """``jnp.maximum`` that propagates NaN on every backend."""
     return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, jnp.maximum(a, b))

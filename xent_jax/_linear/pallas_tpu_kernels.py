@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from xent_jax._linear import blocks, tiles
 from xent_jax._linear import pallas_common as common
-from xent_jax._linear import tiles
 
 # --- pallas_call plumbing -----------------------------------------------------
 
@@ -117,7 +117,7 @@ def _logits(x_ref, w_ref, colv: dict, col, spec):
     """``(z, zm)``: a tile's capped logits and the same masked to ``-inf``
     where the column is padding or past ``v``."""
     raw = common.raw_logits(x_ref[...], w_ref[...], spec)
-    z = common.capped(raw, colv.get("bias"), spec.opts)
+    z = blocks.capped(raw, colv.get("bias"), spec.opts)
     ok = common.column_mask(col, colv, spec, spec.ragged_cols)
     return z, (z if ok is None else jnp.where(ok, z, -jnp.inf))
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from xent_jax._linear import blocks, tiles
 from xent_jax._linear import pallas_common as common
-from xent_jax._linear import tiles
 
 # --- pallas_call plumbing -----------------------------------------------------
 
@@ -98,7 +98,7 @@ def _logits(x_ref, w_ref, colv: dict, r0, c0, col, spec):
 
     zero = jnp.zeros((spec.tn, spec.tv), spec.cdt)
     raw = _int32_loop(pl.cdiv(spec.d, spec.td), step, zero)
-    z = common.capped(raw, colv.get("bias"), spec.opts)
+    z = blocks.capped(raw, colv.get("bias"), spec.opts)
     ok = common.column_mask(col, colv, spec, True)
     return z, jnp.where(ok, z, -jnp.inf)
 
