@@ -11,7 +11,9 @@ gradient (``blocks.logits_gradient``) with the per-example coefficients
 whose products with ``x`` and ``w`` are accumulated into ``dx``, ``dw`` and
 ``db`` one block at a time (``blocks.accumulate``). Gradient filtering
 (Cut-Cross-Entropy) skips a block whose probabilities are all below the
-threshold; the sparse label term is then applied exactly after the loop.
+threshold; the sparse label term of a skipped block is then applied exactly
+by a gather and scatters, in the loop (the Pallas kernels leave it to
+``_label_term``, after theirs).
 """
 
 from __future__ import annotations
@@ -88,10 +90,11 @@ def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=N
     filtering = opts.filter_threshold is not None and not opts.label_smoothing
     loop = _vocab_loop if vocab_loop is None else vocab_loop
     dx, dw, db, dcw = loop(saved, coefs, needs, filtering, opts, layout, cdt)
+    label_after = filtering and vocab_loop is not None
     if isinstance(dx, lay.SplitFloat32):
         # Rounded in place, into the result's buffer, unless more float32
         # terms follow: the filter's label term or a sum over devices.
-        if filtering or _sharding.extra_varying(dx.high, saved.x):
+        if label_after or _sharding.extra_varying(dx.high, saved.x):
             dx = dx.value()
         else:
             dx = dx.rounded(saved.x.dtype, layout.token_block)
@@ -101,7 +104,7 @@ def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=N
         db = db.reshape(saved.bias.shape)
     if needs.class_weights:
         dcw = _class_weights_grad(saved, coefs, dcw, opts, cdt)
-    if filtering:
+    if label_after:
         dx, dw, db = _label_term(saved, coefs.onehot, (dx, dw, db), opts, layout, cdt)
     if db is not None:
         db = db.astype(saved.bias.dtype)
@@ -113,8 +116,11 @@ def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=N
     return dx, dw, db, None, dcw
 
 
-def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
-    """One token block of one vocabulary block: its gradient, accumulated."""
+def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
+    """One token block of one vocabulary block: its gradient, accumulated.
+    ``filtered`` (with gradient filtering): every example's label coefficient
+    (``label_coefficient``) and its label's index in this vocabulary block
+    (``layout.block_positions``)."""
     xb = lay.block(saved.x, t, nt, 0)
     z, zm = fwd.block_logits(xb, blk, opts, layout, cdt)
     zs = zm - lay.rows_of(saved.shift, t, nt)
@@ -125,16 +131,14 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
     c = jax.tree.map(lambda v: lay.take(v, t, nt, 0), coefs)
     entropy = None if c.entropy is None else lay.take(saved.entropy, t, nt, 0)
     block_coefs = blocks.BlockCoefficients(
-        c.softmax, None if filtering else c.onehot, c.smoothing, c.entropy, entropy
+        c.softmax, c.onehot, c.smoothing, c.entropy, entropy
     )
     dz = blocks.logits_gradient(z, zs, p, log_se, hit, block_coefs, blk.smoothing, opts)
 
     def add(block_acc):
         dx_rows, dwb, dbb, dcwb = block_acc
-        # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
-        xw = xb if dwb is None else jnp.where(scored, xb, 0)
         dx_rows, dwb, dbb = blocks.accumulate(
-            dx_rows, dwb, dbb, xw, blk.w, dz, layout.rows, cdt
+            dx_rows, dwb, dbb, xw_of(block_acc), blk.w, dz, layout.rows, cdt
         )
         if dcwb is not None:  # sum_i g_i a/V (lse_i - z_ic), on real columns
             per = _numerics.weighted(c.smoothing[:, None], log_se[:, None] - zs)
@@ -146,14 +150,48 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt):
     # would otherwise copy all of dx, [N, D], on each path).
     dx = acc[0]
     block_acc = (None if dx is None else _dx_rows(dx, t, nt),) + tuple(acc[1:])
-    if filtering:
+
+    def labels_only(block_acc):
+        k, at = (lay.take(v, t, nt, 0) for v in filtered)
+        return _skipped_labels(block_acc, xw_of(block_acc), blk.w, k, at, layout)
+
+    def xw_of(block_acc):
+        # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
+        return xb if block_acc[1] is None else jnp.where(scored, xb, 0)
+
+    if filtered is not None:
         skip = jnp.max(p) < opts.filter_threshold
-        block_acc = jax.lax.cond(skip, lambda a: a, add, block_acc)
+        block_acc = jax.lax.cond(skip, labels_only, add, block_acc)
     else:
         block_acc = add(block_acc)
     if dx is not None:
         dx = _dx_put(dx, block_acc[0], t)
     return (dx,) + tuple(block_acc[1:])
+
+
+def _skipped_labels(block_acc, xw, wb, k, at, layout):
+    """A skipped block's gradients from its label term alone: ``dz = -k`` at
+    each row's label column ``at`` (if this block holds it, else ``at`` is
+    past the block's end), rounded to the products' dtype as a kept block's
+    ``dz`` is (``blocks.accumulate``)."""
+    dx_rows, dwb, dbb, dcwb = block_acc
+    cdt = _numerics.compute_dtype(k.dtype)
+    op = jnp.promote_types(xw.dtype, wb.dtype)
+    dz = (-k).astype(op).astype(cdt)[:, None]
+    vocab = 0 if layout.rows else 1
+    if dx_rows is not None:
+        w_y = jnp.take(wb, at, axis=vocab, mode="fill", fill_value=0)
+        w_y = (w_y if layout.rows else w_y.T).astype(op).astype(cdt)
+        dx_rows = dx_rows + dz * w_y
+    if dwb is not None:
+        update = dz * xw.astype(op).astype(cdt)
+        if layout.rows:
+            dwb = dwb.at[at].add(update, mode="drop")
+        else:
+            dwb = dwb.at[:, at].add(update.T, mode="drop")
+    if dbb is not None:  # db sums dz before its rounding, as in accumulate
+        dbb = dbb.at[at].add(-k, mode="drop")
+    return dx_rows, dwb, dbb, dcwb
 
 
 def _dx_rows(dx, t, nt):
@@ -192,9 +230,15 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
     vw = cols.views
     dw_axis = lay.vocab_axis(vw.w, layout)
 
+    k = label_coefficient(saved, coefs.onehot, opts) if filtering else None
+
     def vocab_step(s, cs, carry, span_start=0):
         dx, dw, db, dcw = carry
         blk = fwd.vocab_block(cols, s, cs, opts, layout)
+        filtered = None
+        if filtering:
+            at = lay.block_positions(vw, saved.labels.ids, s, cs, layout.groups)
+            filtered = (k, at)
         shape = blk.ids.shape
         acc = (
             dx,
@@ -206,7 +250,7 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
 
         def token_step(t, nt, acc):
             return _block_step(
-                acc, t, nt, blk, saved, coefs, filtering, opts, layout, cdt
+                acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt
             )
 
         dx, dwb, dbb, dcwb = lay.for_blocks(n, layout.token_block, token_step, acc)
@@ -323,17 +367,24 @@ def _class_weights_grad(saved: Saved, coefs: Coefficients, smoothing_part, opts,
     return grad.astype(cw.dtype)
 
 
-def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
-    """The ``-onehot_coef * onehot(y)`` term of ``d loss / d z``, exactly: a
-    gather and scatters (used when the loop skipped it: gradient filtering)."""
-    dx, dw, db = grads
-    x, w, bias = saved.x, saved.w, saved.bias
+def label_coefficient(saved: Saved, onehot_coef, opts):
+    """``-d loss / d (x@w+b)_y`` of the one-hot term alone, per example:
+    ``onehot_coef`` times the soft cap's derivative at the label's logit and
+    ``1 / T`` (as ``blocks.logits_gradient`` applies them)."""
     k = onehot_coef
     if opts.logit_softcap is not None:
         k = _numerics.weighted(
             k, 1 - jnp.square(saved.label_logit / opts.logit_softcap)
         )
-    k = _numerics.tempered(k, opts.temperature)
+    return _numerics.tempered(k, opts.temperature)
+
+
+def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
+    """The ``-onehot_coef * onehot(y)`` term of ``d loss / d z``, exactly: a
+    gather and scatters (used when the loop skipped it: gradient filtering)."""
+    dx, dw, db = grads
+    x, w, bias = saved.x, saved.w, saved.bias
+    k = label_coefficient(saved, onehot_coef, opts)
     y, owned = ClassAxis(opts.axis_name).owned(
         saved.labels.ids, fwd.vocab_size(w, layout)
     )

@@ -301,3 +301,14 @@ def block_ids(vw: Views, start, size: int, groups: int):
     if groups > 1:
         ids = ids + jax.lax.broadcasted_iota(jnp.int32, shape, 0) * vw.per_group
     return ids.reshape(-1)
+
+
+def block_positions(vw: Views, ids, start, size: int, groups: int):
+    """Each global id's index into a vocabulary block's ``[G size]`` columns
+    (the inverse of :func:`block_ids`), ``G size`` where the block does not
+    hold it: past the end, where ``mode="drop"`` and ``mode="fill"`` skip it."""
+    local = ids - vw.offset
+    group = local // vw.per_group
+    column = local - group * vw.per_group - start
+    held = (local >= 0) & (group < groups) & (column >= 0) & (column < size)
+    return jnp.where(held, group * size + column, groups * size)

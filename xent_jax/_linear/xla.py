@@ -40,8 +40,9 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
     ``row_statistics`` (forward: ``forward.row_statistics``'s contract) and
     ``vocab_loop`` (backward: ``backward._vocab_loop``'s; ``None``: the XLA
     loop). Everything else (shard combination, outputs, coefficients, the
-    class-weight gradient, the filter's label term) is shared; the Pallas
-    kernels (``pallas_tpu``, ``pallas_triton``) pass their own two loops."""
+    class-weight gradient, the filter's label term after a loop that leaves
+    it out) is shared; the Pallas kernels (``pallas_tpu``,
+    ``pallas_triton``) pass their own two loops."""
 
     def forward(x, w, bias, labels, class_weights, opts, layout):
         st, u_total = row_statistics(x, w, bias, labels, class_weights, opts, layout)
