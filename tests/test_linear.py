@@ -798,8 +798,9 @@ def test_sharded_vocabulary_is_not_gathered():
 @pytest.mark.parametrize("implementation", [None, "pallas_tpu", "pallas_triton"])
 def test_filtered_bfloat16_gradients_are_as_accurate_as_unfiltered(implementation):
     """Regression (found by the benchmark's realistic case): with
-    ``filter_threshold`` the label term of dw and db is added after the loop;
-    it was scatter-added in bfloat16 one example at a time, so a frequent
+    ``filter_threshold`` the label term of dw and db is added after the loop
+    (the Pallas kernels; the XLA loop now adds it per skipped block); it was
+    scatter-added in bfloat16 one example at a time, so a frequent
     label's column of dw took one rounding per example (0.00806 for a true
     0.00422), and db's two parts were rounded separately before cancelling.
     Now each column takes one rounding, and db stays in float32 until the end:

@@ -381,7 +381,8 @@ def label_coefficient(saved: Saved, onehot_coef, opts):
 
 def _label_term(saved: Saved, onehot_coef, grads, opts, layout, cdt):
     """The ``-onehot_coef * onehot(y)`` term of ``d loss / d z``, exactly: a
-    gather and scatters (used when the loop skipped it: gradient filtering)."""
+    gather and scatters, after a loop that left it out (the Pallas loops with
+    gradient filtering; the XLA loop applies it per skipped block)."""
     dx, dw, db = grads
     x, w, bias = saved.x, saved.w, saved.bias
     k = label_coefficient(saved, onehot_coef, opts)
