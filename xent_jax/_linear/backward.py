@@ -135,6 +135,10 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
     )
     dz = blocks.logits_gradient(z, zs, p, log_se, hit, block_coefs, blk.smoothing, opts)
 
+    def xw_of(block_acc):
+        # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
+        return xb if block_acc[1] is None else jnp.where(scored, xb, 0)
+
     def add(block_acc):
         dx_rows, dwb, dbb, dcwb = block_acc
         dx_rows, dwb, dbb = blocks.accumulate(
@@ -153,11 +157,8 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
 
     def labels_only(block_acc):
         k, at = (lay.take(v, t, nt, 0) for v in filtered)
-        return _skipped_labels(block_acc, xw_of(block_acc), blk.w, k, at, layout)
-
-    def xw_of(block_acc):
-        # x of an unscored row must not reach dw, even when it is NaN (0 * NaN)
-        return xb if block_acc[1] is None else jnp.where(scored, xb, 0)
+        xw = xw_of(block_acc)
+        return _skipped_labels(block_acc, xw, blk.w, k, at, layout.rows, cdt)
 
     if filtered is not None:
         skip = jnp.max(p) < opts.filter_threshold
@@ -169,23 +170,21 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
     return (dx,) + tuple(block_acc[1:])
 
 
-def _skipped_labels(block_acc, xw, wb, k, at, layout):
+def _skipped_labels(block_acc, xw, wb, k, at, rows: bool, cdt):
     """A skipped block's gradients from its label term alone: ``dz = -k`` at
     each row's label column ``at`` (if this block holds it, else ``at`` is
     past the block's end), rounded to the products' dtype as a kept block's
     ``dz`` is (``blocks.accumulate``)."""
     dx_rows, dwb, dbb, dcwb = block_acc
-    cdt = _numerics.compute_dtype(k.dtype)
     op = jnp.promote_types(xw.dtype, wb.dtype)
     dz = (-k).astype(op).astype(cdt)[:, None]
-    vocab = 0 if layout.rows else 1
     if dx_rows is not None:
-        w_y = jnp.take(wb, at, axis=vocab, mode="fill", fill_value=0)
-        w_y = (w_y if layout.rows else w_y.T).astype(op).astype(cdt)
+        w_y = jnp.take(wb, at, axis=0 if rows else 1, mode="fill", fill_value=0)
+        w_y = (w_y if rows else w_y.T).astype(op).astype(cdt)
         dx_rows = dx_rows + dz * w_y
     if dwb is not None:
         update = dz * xw.astype(op).astype(cdt)
-        if layout.rows:
+        if rows:
             dwb = dwb.at[at].add(update, mode="drop")
         else:
             dwb = dwb.at[:, at].add(update.T, mode="drop")
