@@ -618,7 +618,7 @@ def test_temp_memory_far_below_logits_and_flat_in_vocab(dtype):
     assert temps[65536] <= temps[16384] * 1.05 + 2**20, temps
     w_bytes = d * 65536 * jnp.dtype(dtype).itemsize
     # (a copy of w or dw would be w_bytes, an upcast 2 w_bytes; a bfloat16 dw
-    # is written in spans of up to 8 MiB, here a quarter of it)
+    # is written in spans of 8 MiB here, a quarter of it)
     assert temps[65536] < w_bytes / 2, temps
     # A tied embedding passed as emb.T: neither W nor dW is copied.
     tied = _temp_bytes(n, d, 65536, dtype, tied=True)
@@ -677,18 +677,12 @@ _SPLIT_DX_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("name", sorted(_SPLIT_DX_OPTIONS))
-def test_split_dx_accumulator_changes_no_bit(monkeypatch, name, dtype):
-    """A 16-bit dx accumulated as ``layout.SplitFloat32`` (forced here at any
-    size) gives every bit of the plain float32 accumulator, with every option,
-    several token blocks and under vmap. (The sharded modes:
-    ``sharding_checks.case_linear_bfloat16_split_dx``.)"""
-    from xent_jax._linear import backward, layout
-
+def _sixteen_bit_case(name, dtype, v):
+    """A jitted, vmapped value_and_grad of the fused loss with the options of
+    ``_SPLIT_DX_OPTIONS[name]``, 16-bit, several token and vocabulary blocks."""
     opts = dict(_SPLIT_DX_OPTIONS[name])
     r = np.random.default_rng(12)
-    n, d, v = 24, 16, 40
+    n, d = 24, 16
     x = jnp.asarray(r.normal(size=(2, n, d)), dtype)
     rows = opts.get("w_layout") == "vd"
     w = jnp.asarray(r.normal(size=(v, d) if rows else (d, v)) * 0.4, dtype)
@@ -708,24 +702,91 @@ def test_split_dx_accumulator_changes_no_bit(monkeypatch, name, dtype):
         return out
 
     def run():
+        jax.clear_caches()
         vg = jax.value_and_grad(objective, argnums=(0, 1))
         return jax.jit(jax.vmap(vg, in_axes=(0, None)))(x, w)
 
-    splits = []
-    split = layout.SplitFloat32.split
-    with monkeypatch.context() as m:
-        m.setattr(backward, "DX_SPLIT_BYTES", 0)
-        m.setattr(layout.SplitFloat32, "split", lambda a: splits.append(1) or split(a))
-        jax.clear_caches()
-        got = run()
-    assert splits, "the split accumulator was not used"
-    jax.clear_caches()
-    want = run()
+    return run
+
+
+def _assert_same_bits(got, want):
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == e.dtype
         np.testing.assert_array_equal(
             np.asarray(g, np.float32), np.asarray(e, np.float32)
         )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(_SPLIT_DX_OPTIONS))
+def test_split_dx_accumulator_changes_no_bit(monkeypatch, name, dtype):
+    """A 16-bit dx accumulated as ``layout.SplitFloat32`` (forced here at any
+    size) gives every bit of the plain float32 accumulator, with every option,
+    several token blocks and under vmap. (The sharded modes:
+    ``sharding_checks.case_linear_bfloat16_split_dx``.)"""
+    from xent_jax._linear import backward, layout
+
+    run = _sixteen_bit_case(name, dtype, v=40)
+    splits = []
+    split = layout.SplitFloat32.split
+    with monkeypatch.context() as m:
+        m.setattr(backward, "DX_SPLIT_BYTES", 0)
+        m.setattr(layout.SplitFloat32, "split", lambda a: splits.append(1) or split(a))
+        got = run()
+    assert splits, "the split accumulator was not used"
+    _assert_same_bits(got, run())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(_SPLIT_DX_OPTIONS))
+def test_dw_spans_change_no_bit(monkeypatch, name, dtype):
+    """A 16-bit dw written one vocabulary block per span (each span put into
+    dw as raw bits) gives every bit of dw written as a single span, with every
+    option and under vmap."""
+    from xent_jax._linear import backward
+
+    run = _sixteen_bit_case(name, dtype, v=64)
+    spans = []  # (columns per group, vocabulary block, span)
+    dw_span = backward._dw_span
+
+    def recorded(per_group, block, *rest):
+        spans.append((per_group, block, dw_span(per_group, block, *rest)))
+        return spans[-1][-1]
+
+    with monkeypatch.context() as m:
+        for name_ in ("DW_SPAN_BYTES", "DW_SPAN_MAX_BYTES"):
+            m.setattr(backward, name_, 1)
+        m.setattr(backward, "_dw_span", recorded)
+        got = run()
+    assert spans, "dw was not written in spans"
+    for per_group, block, span in spans:  # one block per span, several spans
+        assert span == block < per_group, spans
+    with monkeypatch.context() as m:
+        m.setattr(backward, "DW_SPAN_BYTES", 2**40)
+        m.setattr(backward, "DW_SPAN_MAX_BYTES", 2**40)
+        want = run()
+    _assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("n", [1024, 8192])
+def test_dw_spans_bound_the_passes_over_a_16_bit_dw(n):
+    """Gemma-2's head in bfloat16 (D=2304, V=256000; issue 11): XLA CPU
+    rewrites all of a 16-bit dw for each span put into it, so spans of 8 MiB
+    made 250 passes over 1.1 GiB (158 s of value_and_grad at N=1024, against
+    44 s in float32). The spans grow with dw / N, up to 64 MiB, and divide the
+    blocks (at most twice the passes of N / 128)."""
+    from xent_jax._linear import backward
+    from xent_jax._linear import layout as lay
+
+    d, v = 2304, 256000
+    lo = lay.choose(None, n, v, d, rows=False, padded=False)
+    per_group = v // lo.groups
+    dw_bytes = d * v * 2
+    budget = backward._span_bytes(dw_bytes, n)
+    span = backward._dw_span(per_group, lo.vocab_block, dw_bytes, budget)
+    passes = per_group // span
+    assert passes <= 2 * max(n // backward.DW_SPAN_ROWS, 18), passes
+    assert span * lo.groups * d * 2 <= 64 * 2**20, span
 
 
 def test_temp_memory_with_every_option_at_lm_shape():

@@ -205,13 +205,20 @@ def _dx_put(dx, rows, t):
     return lay.put(dx, rows, t, 0)
 
 
-# Bytes of a 16-bit ``dw``'s part that the vocabulary loop carries as raw
-# bits (at most; see ``_dw_span``): XLA CPU updates a 16-bit float carry
-# through a float32 copy of all of it, so a bfloat16 dw written block by block
-# cost V / vocab_block round trips of the whole dw (2.4 s of a 5.7 s step at
-# 1024 x 512 x 65536; 500 of 1.1 GiB at Gemma's 2304 x 256000). In spans the
-# blocks go into raw bits and each span costs one round trip.
+# A 16-bit ``dw`` is written in spans of whole vocabulary blocks, each held
+# as raw bits (``uint16``) while its blocks go in: XLA CPU updates a 16-bit
+# float buffer by rewriting all of it, so writing a bfloat16 ``dw`` block by
+# block made one pass over the whole ``dw`` per block (2.4 s of a 5.7 s step
+# at 1024 x 512 x 65536; about 500 passes over 1.1 GiB at Gemma's
+# 2304 x 256000), and spans make one per span. A pass measured 5-9% of the
+# time of the four products of 128 tokens (``DW_SPAN_ROWS``), so spans of
+# ``dw`` / (N / 128) bytes (rounded down to a divisor of the blocks) keep
+# the passes near 5-20% of the loop's time, not 250 passes at 8 MiB. The
+# span is held between ``DW_SPAN_BYTES`` and ``DW_SPAN_MAX_BYTES``, so the
+# temporaries stay bounded in V.
 DW_SPAN_BYTES = 8 * 2**20
+DW_SPAN_MAX_BYTES = 64 * 2**20
+DW_SPAN_ROWS = 128
 
 # Bytes of a float32 accumulator of a 16-bit ``dx`` above which it is held as
 # ``layout.SplitFloat32``: the same bits, with the high half in the result's
@@ -280,7 +287,10 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
             saved.class_weights,
         ),
     )
-    span = _dw_span(vw.per_group, layout.vocab_block, vw.w.size * w.dtype.itemsize)
+    dw_bytes = vw.w.size * w.dtype.itemsize
+    span = _dw_span(
+        vw.per_group, layout.vocab_block, dw_bytes, _span_bytes(dw_bytes, n)
+    )
     if not needs.w or cdt == w.dtype or span is None:
         return lay.for_blocks(vw.per_group, layout.vocab_block, vocab_step, init)
 
@@ -293,7 +303,9 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
             lambda s, cs, c: vocab_step(start + s, cs, c, start),
             (dx, part, db, dcw),
         )
-        dw = lay.put(dw, lay.from_raw_bits(part, w.dtype), start, dw_axis)
+        # The span goes in as bits too: the pass over all of dw is then a copy
+        # of 16-bit integers, not a conversion to float32 and back (2x slower).
+        dw = lay.from_raw_bits(lay.put(lay.raw_bits(dw), part, start, dw_axis), w.dtype)
         return dx, dw, db, dcw
 
     return lay.for_blocks(vw.per_group, span, span_step, init)
@@ -311,16 +323,27 @@ def _split_dx(dx, x, cdt, layout) -> bool:
     return dx.size * 4 > DX_SPLIT_BYTES and blocks > 1 and not rest
 
 
-def _dw_span(per_group: int, vocab_block: int, dw_bytes: int) -> int | None:
+def _span_bytes(dw_bytes: int, rows) -> int:
+    """The largest span ``_dw_span`` may choose for ``rows`` tokens (see
+    ``DW_SPAN_ROWS``)."""
+    if not isinstance(rows, int) or not isinstance(dw_bytes, int):
+        return DW_SPAN_BYTES  # symbolic shapes (jax.export)
+    wanted = dw_bytes * DW_SPAN_ROWS // max(rows, 1)
+    return min(max(wanted, DW_SPAN_BYTES), DW_SPAN_MAX_BYTES)
+
+
+def _dw_span(
+    per_group: int, vocab_block: int, dw_bytes: int, budget: int
+) -> int | None:
     """Columns per group of a 16-bit ``dw`` carried as raw bits at a time:
     whole vocabulary blocks dividing the columns (a last, shorter span would
-    run outside the loop, where XLA CPU copies all of dw), at most
-    ``DW_SPAN_BYTES`` (the temporaries stay flat in V). ``None`` (a round trip
-    per block) when the columns are no whole number of blocks."""
+    run outside the loop, where XLA CPU copies all of dw), at most ``budget``
+    bytes. ``None`` (a pass per block) when the columns are no whole number of
+    blocks."""
     blocks, rem = divmod(per_group, vocab_block)
     if rem or blocks == 0:
         return None
-    fit = max(1, DW_SPAN_BYTES * blocks // dw_bytes)
+    fit = max(1, budget * blocks // dw_bytes)
     return vocab_block * max(k for k in range(1, fit + 1) if blocks % k == 0)
 
 
