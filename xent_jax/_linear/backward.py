@@ -343,7 +343,7 @@ def _dw_span(
     blocks, rem = divmod(per_group, vocab_block)
     if rem or blocks == 0:
         return None
-    fit = max(1, budget * blocks // dw_bytes)
+    fit = min(blocks, max(1, budget * blocks // dw_bytes))
     return vocab_block * max(k for k in range(1, fit + 1) if blocks % k == 0)
 
 
