@@ -10,6 +10,13 @@ setting, the temporary memory of a loss linear in the logits (whose gradient
 needs no buffer of its own): what XLA keeps for the matmul itself (for 16-bit
 inputs XLA CPU multiplies in float32, which alone exceeds the logits' bytes).
 
+The same three timings are repeated with the logits donated
+(``donate_argnums``, a fresh copy made untimed before each call), as when the
+logits are an intermediate of a larger step: a function that can compute its
+gradient in the logits' buffer then needs no new memory. On a CPU a fresh
+output buffer is zero-filled by the kernel page by page (65,537 minor faults for
+256 MiB), which is most of what "copy" measures without donation.
+
     python benchmarks/bench_xent.py            # the README's table
     python benchmarks/bench_xent.py --smoke    # tiny shapes, seconds (CI)
 
@@ -60,6 +67,26 @@ def temp_bytes(loss, n: int, c: int, dtype) -> int:
     return step.lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
 
 
+NAMES = ("xent", "optax", "copy")
+
+
+def _timed(logits, labels):
+    """``(fns, args, fresh)`` for ``median_times``: each function as is and,
+    as "<name> donated", with the logits donated and copied anew per call."""
+    bodies = {
+        name: jax.value_and_grad(lambda x, y, f=f: f(x, y).mean())
+        for name, f in _losses().items()
+    }
+    bodies["copy"] = lambda x, y: x * 2
+    fns = {}
+    for name, f in bodies.items():
+        fns[name] = jax.jit(f)
+        fns[f"{name} donated"] = jax.jit(f, donate_argnums=0)
+    args = dict.fromkeys(fns, (logits, labels))
+    fresh = {f"{name} donated": lambda: (logits.copy(), labels) for name in NAMES}
+    return fns, args, fresh
+
+
 def run(shapes, dtypes, repeats: int) -> list[dict]:
     rows = []
     for dtype in dtypes:
@@ -67,13 +94,8 @@ def run(shapes, dtypes, repeats: int) -> list[dict]:
             key_x, key_y = jax.random.split(jax.random.PRNGKey(0))
             logits = jax.random.normal(key_x, (n, c), jnp.float32).astype(dtype)
             labels = jax.random.randint(key_y, (n,), 0, c)
-            fns = {
-                name: jax.jit(jax.value_and_grad(lambda x, y, f=f: f(x, y).mean()))
-                for name, f in _losses().items()
-            }
-            fns["copy"] = jax.jit(lambda x, y: x * 2)
-            args = {name: (logits, labels) for name in fns}
-            t = median_times(fns, args, repeats)
+            fns, args, fresh = _timed(logits, labels)
+            t = median_times(fns, args, repeats, fresh=fresh)
             logits_bytes = n * c * jnp.dtype(dtype).itemsize
             mem = {
                 name: temp_bytes(f, n, c, dtype) / logits_bytes
@@ -89,6 +111,8 @@ def run(shapes, dtypes, repeats: int) -> list[dict]:
                     xent_over_optax=t["xent"] / t["optax"],
                     xent_over_copy=t["xent"] / t["copy"],
                     optax_over_copy=t["optax"] / t["copy"],
+                    **{f"{k}_donated_ms": t[f"{k} donated"] * 1e3 for k in NAMES},
+                    donated_xent_over_optax=t["xent donated"] / t["optax donated"],
                     xent_temp=mem["xent"],
                     optax_temp=mem["optax"],
                     linear_temp=mem["linear"],
@@ -103,14 +127,17 @@ def print_row(r: dict, header: bool) -> None:
         print(
             "| N x C | dtype | xent ms | optax ms | copy ms | xent/optax "
             "| xent/copy | optax/copy | temp xent (x logits) | temp optax "
-            "| temp linear-loss floor |"
+            "| temp linear-loss floor | donated: xent ms | optax ms | copy ms "
+            "| xent/optax |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {r['shape']} | {r['dtype']} | {r['xent_ms']:.1f} | {r['optax_ms']:.1f} "
         f"| {r['copy_ms']:.1f} | {r['xent_over_optax']:.2f} "
         f"| {r['xent_over_copy']:.2f} | {r['optax_over_copy']:.2f} "
-        f"| {r['xent_temp']:.2f} | {r['optax_temp']:.2f} | {r['linear_temp']:.2f} |",
+        f"| {r['xent_temp']:.2f} | {r['optax_temp']:.2f} | {r['linear_temp']:.2f} "
+        f"| {r['xent_donated_ms']:.1f} | {r['optax_donated_ms']:.1f} "
+        f"| {r['copy_donated_ms']:.1f} | {r['donated_xent_over_optax']:.2f} |",
         flush=True,
     )
 

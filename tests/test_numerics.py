@@ -422,3 +422,32 @@ def test_residual_inspection_detects_extra_residuals(capsys):
 
     lines, shapes = _computed_residuals(f, x, capsys)
     assert len([s for s in shapes if int(np.prod(s)) >= n * c]) >= 2, lines
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_donated_logits_hold_the_gradient(dtype):
+    # value_and_grad with the logits donated (an intermediate of a training
+    # step): xent computes the gradient in their buffer, so it needs no other
+    # logits-sized buffer, which on a CPU is a new page fault per 4 KiB per
+    # call (docs/performance.md). optax needs one: the check can fail.
+    n, c = 256, 2048
+    logits_bytes = n * c * jnp.dtype(dtype).itemsize
+
+    def memory(loss_fn):
+        x = jax.ShapeDtypeStruct((n, c), dtype)
+        y = jax.ShapeDtypeStruct((n,), jnp.int32)
+        step = jax.value_and_grad(lambda x, y: loss_fn(x, y).mean())
+        compiled = jax.jit(step, donate_argnums=0).lower(x, y).compile()
+        mem = compiled.memory_analysis()
+        if mem is None:
+            pytest.skip("memory_analysis() unavailable on this backend")
+        return mem
+
+    ours = memory(xj.softmax_cross_entropy_with_integer_labels)
+    theirs = memory(optax.losses.softmax_cross_entropy_with_integer_labels)
+    # XLA CPU reduces 16-bit logits through a float32 copy (see the bfloat16
+    # test above): a temporary of any loss on them, not xent's own.
+    floor = 0 if jnp.dtype(dtype).itemsize >= 4 else 4 * n * c
+    assert ours.alias_size_in_bytes == logits_bytes, ours
+    assert ours.temp_size_in_bytes <= floor + 0.05 * logits_bytes, (ours, floor)
+    assert theirs.temp_size_in_bytes >= floor + logits_bytes, (theirs, floor)
