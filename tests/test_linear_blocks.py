@@ -57,9 +57,10 @@ def _fold(z, labels, u=None, aux=True):
     u_seen = jnp.zeros(())
     for k in range(2):
         cols = slice(k * C, (k + 1) * C)
-        hit = ids[cols] == labels[:, None]
+        held = (labels >= k * C) & (labels < (k + 1) * C)
+        at = jnp.where(held, labels - k * C, C)
         ub = None if u is None else u[cols]
-        st = blocks.forward_step(st, z[:, cols], ids[cols], hit, ub, u_seen)
+        st = blocks.forward_step(st, z[:, cols], ids[cols], at, ub, u_seen)
         if u is not None:
             u_seen = u_seen + jnp.sum(ub)
     return st

@@ -103,11 +103,14 @@ def init(n, cdt, aux: bool) -> RowStats:
     return st
 
 
-def forward_step(st: RowStats, z, ids, hit, u=None, u_seen=None) -> RowStats:
+def forward_step(st: RowStats, z, ids, label_at, u=None, u_seen=None) -> RowStats:
     """``st`` updated with a block of logits ``z`` [nt, c] (``-inf`` on
     padding columns) of the classes ``ids`` [c] (increasing).
 
-    ``hit`` [nt, c] marks each row's label. Under label smoothing ``u`` [c]
+    ``label_at`` [nt] is each row's label column in the block, ``c`` where the
+    block does not hold it (``layout.block_positions``): the label's logit is
+    gathered, where a masked sum over the block made XLA CPU write and read a
+    block-sized array. Under label smoothing ``u`` [c]
     holds the columns' smoothing weights (the class weights, 0 on padding)
     and ``u_seen`` their sum over the columns already folded in, with which
     ``smooth_xs`` follows the shift as it moves.
@@ -118,7 +121,10 @@ def forward_step(st: RowStats, z, ids, hit, u=None, u_seen=None) -> RowStats:
         block_max,
         lambda shift: jnp.sum(jnp.exp(z - shift[:, None]), axis=1),
     )
-    label_logit = st.label_logit + jnp.sum(jnp.where(hit, z, 0), axis=1)
+    label_z = jnp.take_along_axis(
+        z, label_at[:, None], axis=1, mode="fill", fill_value=0
+    )[:, 0]
+    label_logit = st.label_logit + label_z
     shift_old = _stats.shift_of(st.online.row_max)
     shift = _stats.shift_of(online.row_max)
     zs = z - shift[:, None]

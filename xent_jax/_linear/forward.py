@@ -103,12 +103,13 @@ def row_statistics(x, w, bias, labels: Labels, class_weights, opts, layout):
     def vocab_step(s, cs, carry):
         st, u_seen = carry
         blk = vocab_block(cols, s, cs, opts, layout)
+        label_at = lay.block_positions(cols.views, labels.ids, s, cs, layout.groups)
 
         def token_step(t, nt, st):
             _, zm = block_logits(lay.block(x, t, nt, 0), blk, opts, layout, cdt)
-            hit = blk.ids == lay.rows_of(labels.ids, t, nt)
+            at = lay.take(label_at, t, nt, 0)
             rows = jax.tree.map(lambda a: lay.take(a, t, nt, 0), st)
-            new = blocks.forward_step(rows, zm, blk.ids, hit, blk.smoothing, u_seen)
+            new = blocks.forward_step(rows, zm, blk.ids, at, blk.smoothing, u_seen)
             return jax.tree.map(lambda a, b: lay.put(a, b, t, 0), st, new)
 
         st = lay.for_blocks(n, layout.token_block, token_step, st)
