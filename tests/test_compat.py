@@ -34,6 +34,14 @@ EXPECTED = {
         "transpose_detection": "tracer_parent",
         "enable_x64": "jax.enable_x64",
     },
+    (0, 12): {
+        "checkify": "rule_table_ctx",
+        "to_varying": "pcast",
+        "varying_manual_axes": "manual_axis_type",
+        "reshard": "jax.sharding.reshard",
+        "transpose_detection": "tracer_parent",
+        "enable_x64": "jax.enable_x64",
+    },
 }
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xent_jax import _registry, linear_cross_entropy
+from xent_jax import _compat, _registry, linear_cross_entropy
 from xent_jax._linear import tiles
 
 IMPLS = ("pallas_tpu", "pallas_triton")
@@ -411,8 +411,11 @@ def _export(impl, n, d, v, dtype, rows=False, opts=None):
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
     if impl == "pallas_tpu":
         return jax.export.export(f, platforms=["tpu"])(*args).mlir_module()
-    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[TRITON_CHECK])
-    return exported(*args).mlir_module()
+    with _compat.lowering_gpu():
+        exported = jax.export.export(
+            f, platforms=["cuda"], disabled_checks=[TRITON_CHECK]
+        )(*args)
+    return exported.mlir_module()
 
 
 def _kernel_calls(impl, text) -> int:

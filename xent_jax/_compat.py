@@ -8,6 +8,7 @@ an upgrade that silently switches to a fallback fails CI instead.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -19,6 +20,8 @@ BRANCHES: dict[str, str] = {}
 # The traced label check is a primitive of its own (see _labels); only
 # checkify's interpreter gives it a meaning, through this table. Without it
 # the check falls back to checkify.debug_check, which costs an effect.
+# jax 0.12 passes each rule a CheckifyContext first (the code numbering of
+# the checks), and assert_func takes it too: "rule_table_ctx".
 try:
     from jax._src import checkify as checkify_internals
 
@@ -26,16 +29,26 @@ try:
         hasattr(checkify_internals, name)
         for name in ("error_checks", "assert_func", "FailedCheckError", "get_traceback")
     )
+    _CHECKIFY_CONTEXT = CHECKIFY_RULES and (
+        next(iter(inspect.signature(checkify_internals.assert_func).parameters))
+        == "ctx"
+    )
 except ImportError:  # pragma: no cover - depends on the jax version
     checkify_internals = None
-    CHECKIFY_RULES = False
-BRANCHES["checkify"] = "rule_table" if CHECKIFY_RULES else "debug_check"
+    CHECKIFY_RULES = _CHECKIFY_CONTEXT = False
+BRANCHES["checkify"] = (
+    ("rule_table_ctx" if _CHECKIFY_CONTEXT else "rule_table")
+    if CHECKIFY_RULES
+    else "debug_check"
+)
 
 
-def register_identity_primitive(name: str, checkify_rule):
+def register_identity_primitive(name: str, failure):
     """A primitive that is the identity on its one operand, has no effect and
-    lowers to nothing; ``checkify_rule(error, enabled_errors, x, **params)``
-    is its meaning under ``checkify`` (where the rule table exists)."""
+    lowers to nothing; under ``checkify`` (where the rule table exists) it
+    fails where ``failure(x, **params)``, which returns ``(predicate,
+    message)``, says so: a user check, the kind ``checkify.debug_check``
+    makes."""
     from jax.interpreters import ad, batching, mlir
 
     prim = jax.extend.core.Primitive(name)
@@ -51,19 +64,27 @@ def register_identity_primitive(name: str, checkify_rule):
         tangents[0],
     )
     if CHECKIFY_RULES:
-        checkify_internals.error_checks[prim] = checkify_rule
+        checkify_internals.error_checks[prim] = _checkify_rule(failure)
     return prim
 
 
-def checkify_fail_if(error, enabled_errors, predicate, message: str):
-    """Inside a checkify rule: ``error`` plus a user check (the kind
-    ``checkify.debug_check`` makes) that fails with ``message`` where
-    ``predicate`` holds."""
-    failed = checkify_internals.FailedCheckError
-    if failed not in enabled_errors:
-        return error
-    failure = failed(checkify_internals.get_traceback(), message)
-    return checkify_internals.assert_func(error, predicate, failure)
+def _checkify_rule(failure):
+    """The rule table's entry for an identity primitive failing by ``failure``,
+    in the signature this JAX calls it with."""
+
+    def fail_if(context, error, enabled_errors, x, params):
+        failed = checkify_internals.FailedCheckError
+        if failed not in enabled_errors:
+            return error, x
+        predicate, message = failure(x, **params)
+        check = failed(checkify_internals.get_traceback(), message)
+        assert_args = (context,) if _CHECKIFY_CONTEXT else ()
+        error = checkify_internals.assert_func(*assert_args, error, predicate, check)
+        return error, x
+
+    if _CHECKIFY_CONTEXT:
+        return lambda ctx, error, enabled, x, **p: fail_if(ctx, error, enabled, x, p)
+    return lambda error, enabled, x, **p: fail_if(None, error, enabled, x, p)
 
 
 # --- shard_map's varying-manual-axes types (check_vma) -----------------------
@@ -111,6 +132,25 @@ BRANCHES["reshard"] = "jax.sharding.reshard" if reshard else "unavailable"
 def type_sharding(x: Any):
     """The sharding in ``x``'s type (``None`` where types carry none)."""
     return getattr(jax.typeof(x), "sharding", None)
+
+
+# --- lowering for a GPU this host does not have ------------------------------
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def lowering_gpu(device_kind: str = H100):
+    """Context in which Pallas Triton kernels lower for ``device_kind`` on a
+    host without that GPU (``jax.export(..., platforms=["cuda"])`` from CPU).
+
+    jax 0.12 asks for an abstract device in the abstract mesh; before, Pallas
+    lowered for compute capability 9.0 without a GPU and ignores it.
+    """
+    device = jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=None, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 # --- symbolic shapes (jax.export) ---------------------------------------------
