@@ -482,11 +482,12 @@ def case_gspmd(explicit=False):
             # class axis, whose cotangent must then come back replicated.
             soft_spec = ("data", None) if explicit and shape == (2, 4) else None
             dd = _placed(d, mesh, soft_spec or ("data", "model"))
-            jitted = jax.jit(fn)
-            got = jitted(dd["logits"], dd["soft"], dd)
+            # Compiled once: for the values and for the collectives it holds.
+            compiled = jax.jit(fn).lower(dd["logits"], dd["soft"], dd).compile()
+            got = compiled(dd["logits"], dd["soft"], dd)
             key = f"{name} {shape[0]}x{shape[1]}"
             err = _close(got, want, key)
-            hlo = jitted.lower(dd["logits"], dd["soft"], dd).compile().as_text()
+            hlo = compiled.as_text()
             per_device = N * C // (shape[0] * shape[1])
             if soft_spec is None:
                 found = _assert_only_scalars_move(
@@ -538,11 +539,11 @@ def case_gspmd_linear(explicit=False):
             jax.device_put(b, NamedSharding(mesh, P("model"))),
             jax.device_put(y, NamedSharding(mesh, P("data"))),
         )
-        jitted = jax.jit(vg)
-        got = jitted(*args)
+        compiled = jax.jit(vg).lower(*args).compile()
+        got = compiled(*args)
         key = f"{shape[0]}x{shape[1]}"
         err = _close(got, want, key, rtol=1e-4, atol=1e-5)
-        found = collectives(jitted.lower(*args).compile().as_text())
+        found = collectives(compiled.as_text())
         moving = {k: s for k, s in found.items() if k != "all-reduce"}
         # A W-sized or logits-sized gather is what must not happen. (dW's
         # all-reduce over "data" and dx's over "model" are the matmuls' own.)
@@ -666,7 +667,8 @@ def case_linear_vocab_parallel():
                     )
                 )
                 args = (padded, x, y, cot, cw_padded)
-                parts, grads = sharded(*args)
+                compiled = sharded.lower(*args).compile()  # once: values and HLO
+                parts, grads = compiled(*args)
                 key = f"{name} {shape[0]}x{shape[1]} check_vma={check_vma}"
                 assert np.all(np.asarray(grads["w"][:, v:]) == 0), key
                 assert np.all(np.asarray(grads["b"][v:]) == 0), key
@@ -674,7 +676,7 @@ def case_linear_vocab_parallel():
                 err = _close(
                     (parts, grads), (want_parts, want_grads), key, rtol=1e-4, atol=1e-5
                 )
-                hlo = sharded.lower(*args).compile().as_text()
+                hlo = compiled.as_text()
                 per_device_logits = n * C // (shape[0] * shape[1])
                 # All-reduces: per-example scalars, dx's parts over "model"
                 # and the parameter gradients over "data"; nothing else moves.
