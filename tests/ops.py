@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from tiers import SLOW
 
 import xent_jax as xj
 from xent_jax import _registry
@@ -383,11 +384,22 @@ def select(
     ]
 
 
-def parametrize(*caps: str, **kw: Any):
+def parametrize(*caps: str, fast: tuple[str, ...] | None = None, **kw: Any):
     """``@pytest.mark.parametrize("op", ...)`` over :func:`select`, with the
-    entries' ids."""
+    entries' ids; with ``fast`` (op ids), the other entries are marked slow
+    (``tests/tiers.py``)."""
+    ops = select(*caps, **kw)
+    if fast is not None:
+        unknown = set(fast) - {op.id for op in ops}
+        assert not unknown, unknown
     return pytest.mark.parametrize(
-        "op", [pytest.param(op, id=op.id) for op in select(*caps, **kw)]
+        "op",
+        [
+            pytest.param(
+                op, id=op.id, marks=() if fast is None or op.id in fast else SLOW
+            )
+            for op in ops
+        ],
     )
 
 

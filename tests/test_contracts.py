@@ -17,6 +17,7 @@ import pytest
 from core_helpers import assert_close, cotangent_like, int_labels, logits
 from jax.experimental import checkify
 from ops import IGNORE
+from tiers import EVERY_CASE
 
 import xent_jax as xj
 from xent_jax import _registry
@@ -74,6 +75,7 @@ def _bad_label_cases():
             yield pytest.param(op, shape, id=f"{op.id}-{shape}")
 
 
+@EVERY_CASE
 @pytest.mark.parametrize("op, bad_shape", list(_bad_label_cases()))
 def test_labels_wrong_shape(op, bad_shape):
     x = logits((N, C))
@@ -90,6 +92,7 @@ def test_integer_labels_wrong_shape_with_axis(op):
         op(x, y, axis=1)
 
 
+@EVERY_CASE
 @ops.parametrize("class_weights", pallas=True, composite=True)
 @pytest.mark.parametrize("bad_shape", [(C + 1,), (1, C), (N, C)], ids=str)
 def test_class_weights_wrong_shape(op, bad_shape):
@@ -112,6 +115,7 @@ def test_where_wrong_shape(op):
         op(x, y, where=jnp.ones((N + 1,), bool))
 
 
+@EVERY_CASE
 @ops.parametrize(pallas=True, composite=True)
 def test_shape_errors_at_trace_time_under_jit(op):
     x = logits((N, C))
@@ -124,6 +128,7 @@ def test_shape_errors_at_trace_time_under_jit(op):
 # --- output shapes and dtypes -------------------------------------------------
 
 
+@EVERY_CASE
 @ops.parametrize(pallas=True, composite=True)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_output_shape_and_dtype_for_every_reduction(op, dtype):
@@ -141,6 +146,7 @@ def test_output_shape_and_dtype_for_every_reduction(op, dtype):
 # --- dtypes -------------------------------------------------------------------
 
 
+@EVERY_CASE
 @ops.parametrize("integer_labels", pallas=True, composite=True)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_float_labels_for_integer_loss(op, dtype):
@@ -155,6 +161,7 @@ def test_float_labels_for_focal_loss(dtype):
         xj.softmax_focal_loss(logits((N, C)), jnp.zeros((N,), dtype))
 
 
+@EVERY_CASE
 @ops.parametrize(pallas=True, composite=True)
 def test_integer_floating_inputs_rejected(op):
     # logits (the fused loss: x, w and bias) must be floating.
@@ -170,6 +177,7 @@ def test_integer_floating_inputs_rejected(op):
 # --- option values ------------------------------------------------------------
 
 
+@EVERY_CASE
 @ops.parametrize(pallas=True, composite=True)
 def test_unknown_reduction_and_implementation(op):
     x, y = logits((N, C)), op.labels((N,), C)
@@ -186,6 +194,7 @@ def test_unknown_reduction_focal():
         xj.softmax_focal_loss(logits((N, C)), int_labels((N,), C), reduction="avg")
 
 
+@EVERY_CASE
 @ops.parametrize(composite=True)
 def test_static_options_accept_python_and_numpy_scalars(op):
     # Static options are Python numbers, numpy scalars or 0-d numpy arrays,
@@ -224,6 +233,7 @@ BAD_LABELS = [
 ]
 
 
+@EVERY_CASE
 @ops.parametrize("integer_labels", pallas=True, composite=True)
 @pytest.mark.parametrize("bad, ignore_index", BAD_LABELS, ids=str)
 def test_out_of_range_concrete_raises(op, bad, ignore_index):

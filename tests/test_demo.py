@@ -3,9 +3,12 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 DEMO = pathlib.Path(__file__).parents[1] / "examples" / "demo.py"
 
 
+@pytest.mark.slow
 def test_demo_trains_to_high_accuracy(capsys):
     spec = importlib.util.spec_from_file_location("demo", DEMO)
     demo = importlib.util.module_from_spec(spec)

@@ -32,6 +32,9 @@ import pytest
 
 import xent_jax
 
+# A built site and a browser: the full suite only (tests/tiers.py).
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).parents[1]
 SITE = pathlib.Path(os.environ.get("XENT_DOCS_HTML", REPO / "build" / "docs" / "html"))
 SCREENSHOTS = REPO / "build" / "docs" / "screenshots"

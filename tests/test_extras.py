@@ -46,6 +46,7 @@ def test_safe_softmax_cross_entropy_matches_optax_and_reference():
     assert_close(xj.safe_softmax_cross_entropy(x, t), ref.safe_soft_xent(x, t))
 
 
+@pytest.mark.slow
 def test_safe_softmax_cross_entropy_neg_inf_with_zero_labels():
     x = jnp.array([[0.0, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, 2.0]])
     t = jnp.array([[0.3, 0.0, 0.7], [0.0, 0.0, 1.0]])
@@ -254,6 +255,7 @@ def test_softmax_focal_options(variant):
 @pytest.mark.parametrize(
     "reduction, normalizer", [("sum", None), ("mean", None), ("mean", 2.5)]
 )
+@pytest.mark.slow
 def test_softmax_focal_reductions(reduction, normalizer):
     x, y = logits((N, C)), int_labels((N,), C)
     y = y.at[jnp.array([1, 4])].set(-100)
@@ -274,6 +276,7 @@ def test_softmax_focal_reductions(reduction, normalizer):
     assert_close(g, g_r)
 
 
+@pytest.mark.slow
 def test_softmax_focal_extreme_logits_finite():
     # Computed in log space: no clipped probabilities, no NaN/inf for confident
     # or very wrong predictions.

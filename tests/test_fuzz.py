@@ -86,30 +86,35 @@ def _run(data, kind):
 
 @_settings(22)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_integer_labels(data):
     _run(data, "integer")
 
 
 @_settings(17)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_soft_labels(data):
     _run(data, "soft")
 
 
 @_settings(17)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_linear_cross_entropy(data):
     _run(data, "linear")
 
 
 @_settings(18)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_sigmoid_binary_cross_entropy(data):
     _run(data, "bce")
 
 
 @_settings(7)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_softmax_focal_loss(data):
     _run(data, "focal")
 
@@ -117,6 +122,7 @@ def test_fuzz_softmax_focal_loss(data):
 @pytest.mark.parametrize("name", fs.EXTRAS)
 @_settings(3)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_extras(name, data):
     case = fs.draw_extras_case(data.draw, name)
     note(case.describe())

@@ -62,7 +62,7 @@ def _raw(op, names, fixed, fn=None, **kw):
 # --- check_grads, float64, order 2, reverse mode ------------------------------
 
 
-@ops.parametrize("float64")
+@ops.parametrize("float64", fast=("soft-xla",))
 def test_check_grads_float64(op):
     # With respect to every differentiable argument (the logits, the fused
     # loss's x, w and bias, soft labels, class weights, BCE's weights and
@@ -99,7 +99,7 @@ def test_x64_does_not_leak():
 
 # Without float64 (the Pallas kernels) check_grads cannot run: their
 # gradients are compared with the reference's instead.
-@ops.parametrize(exclude=("float64",), pallas=True)
+@ops.parametrize(exclude=("float64",), pallas=True, fast=("linear-pallas_triton",))
 def test_value_and_vjp_every_argument(op):
     args, fixed = op.example(N, C)
     kw = op.options(ignore_index=IGNORE, label_smoothing=0.1, z_loss=0.05)
@@ -122,7 +122,7 @@ def _all_options(op):
     )
 
 
-@ops.parametrize()
+@ops.parametrize(fast=("soft-xla", "bce-xla", "bce-reference"))
 def test_jit_and_vmap_over_leading_axis(op):
     # vmap a per-batch mean over a leading "device/micro-batch" axis.
     x = logits((3, N, C))
@@ -150,7 +150,7 @@ def test_jit_and_vmap_over_leading_axis(op):
         assert_close(grads2[i], g_r)
 
 
-@ops.parametrize()
+@ops.parametrize(fast=("soft-xla", "bce-xla"))
 def test_vmap_none_reduction_and_in_axes_none(op):
     # Labels shared by the vmapped batch (in_axes None), gradients of both.
     x = logits((3, N, C))
@@ -185,7 +185,7 @@ def _grad_of_jit_case(kind):
     return x, y, kw, expected, total
 
 
-@ops.parametrize()
+@ops.parametrize(fast=("bce-xla",))
 def test_grad_of_jit_jit_of_grad_scan_and_remat(op):
     x, y, kw, expected, total_r = _grad_of_jit_case(op.kind)
 
@@ -239,7 +239,7 @@ def _hvp_case(kind):
     return x, v, w, y, kw, expected
 
 
-@ops.parametrize("second_order")
+@ops.parametrize("second_order", fast=("soft-xla", "soft-reference"))
 def test_hessian_vector_product_grad_of_grad(op):
     x, v, w, y, kw, expected = _hvp_case(op.kind)
 
@@ -272,7 +272,7 @@ def test_forward_mode_raises_on_default_implementation(kind):
         jax.jvp(lambda v: op(v, op.labels((N,), C)), (x,), (cotangent_like(x),))
 
 
-@ops.parametrize("forward_mode", composite=True)
+@ops.parametrize("forward_mode", composite=True, fast=("soft-reference",))
 def test_forward_mode(op):
     x = logits((N, C))
     t = cotangent_like(x)
@@ -290,7 +290,9 @@ def test_forward_mode(op):
     assert_close(h, h_rev, rtol=1e-4, atol=1e-6)
 
 
-@ops.parametrize("forward_mode", composite=True)
+@ops.parametrize(
+    "forward_mode", composite=True, fast=("soft-reference", "bce-reference")
+)
 def test_reference_jvp_matches_reference_module(op):
     x, y = logits((N, C)), _labels(op, (N,))
     t = cotangent_like(x)

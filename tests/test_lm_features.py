@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiers import slow
 
 import xent_jax as xj
 from xent_jax import _registry
@@ -70,6 +71,7 @@ def _plain_metrics(z, y):
 
 
 @pytest.mark.parametrize("impl", CORE_IMPLS)
+@pytest.mark.slow
 def test_core_aux_metrics(impl):
     x, w, y, _ = _data()
     z = (x @ w).at[1, 3, 7].set(100.0)  # one confident, maybe correct example
@@ -86,7 +88,7 @@ def test_core_aux_metrics(impl):
 
 
 @pytest.mark.parametrize("impl", LINEAR_IMPLS)
-@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+@pytest.mark.parametrize("w_layout", ["dv", slow("vd")])
 def test_fused_aux_metrics(impl, w_layout):
     x, w, y, _ = _data()
     w_in = w.T if w_layout == "vd" else w
@@ -101,6 +103,7 @@ def test_fused_aux_metrics(impl, w_layout):
     np.testing.assert_array_equal(aux.scored, y != IGNORE)
 
 
+@pytest.mark.slow
 def test_argmax_ties_and_nan_as_jnp_argmax():
     """Ties take the first class, across vocabulary blocks too; a NaN wins."""
     z = jnp.zeros((4, V)).at[0, [3, 17]].set(2.0).at[1].set(-1.0)
@@ -121,7 +124,10 @@ def test_argmax_ties_and_nan_as_jnp_argmax():
         np.testing.assert_array_equal(out[1].argmax, [9])
 
 
-@pytest.mark.parametrize("impl", CORE_IMPLS + [f"fused-{n}" for n in LINEAR_IMPLS])
+@pytest.mark.parametrize(
+    "impl", CORE_IMPLS + [slow(f"fused-{n}") for n in LINEAR_IMPLS]
+)
+@pytest.mark.slow
 def test_entropy_gradient_is_true(impl):
     """An entropy bonus gets its true gradient; argmax/correct carry none."""
     x, w, y, _ = _data(1)
@@ -152,9 +158,13 @@ def test_entropy_gradient_is_true(impl):
 
 @pytest.mark.parametrize(
     "impl, soft",
-    [(n, s) for n in CORE_IMPLS for s in (False, True)]
-    + [(f"fused-{n}", False) for n in LINEAR_IMPLS],
+    [(n, s) if s else slow(n, s) for n in CORE_IMPLS for s in (False, True)]
+    + [
+        (f"fused-{n}", False) if n == "reference" else slow(f"fused-{n}", False)
+        for n in LINEAR_IMPLS
+    ],
 )
+@pytest.mark.slow
 def test_entropy_gradient_from_bfloat16_is_rounded_once(impl, soft):
     """Found by the differential fuzzer (issue 9): the entropy's gradient
     -p (log p + H) cancels where the softmax is flat, and the XLA kernel took
@@ -196,7 +206,8 @@ def test_entropy_gradient_from_bfloat16_is_rounded_once(impl, soft):
     np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-30)
 
 
-@pytest.mark.parametrize("impl", CORE_IMPLS)
+@pytest.mark.parametrize("impl", [slow(n) if n == "xla" else n for n in CORE_IMPLS])
+@pytest.mark.slow
 def test_all_cotangents_from_bfloat16_are_rounded_once(impl):
     """Found by the differential fuzzer (issue 9): with soft labels, 16-bit
     logits and return_aux, the XLA kernel took the softmax and target parts of
@@ -246,7 +257,8 @@ def test_core_temperature_equals_dividing_the_logits(impl):
     _close(jax.grad(ours)(z), jax.grad(divided)(z))
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", [slow(n) if n == "xla" else n for n in LINEAR_IMPLS])
+@pytest.mark.slow
 def test_fused_temperature_then_softcap(impl):
     """z = cap((x @ w + b) / T): the documented order."""
     x, w, y, _ = _data(3)
@@ -281,8 +293,12 @@ def _shift_by_slicing(z_or_x, y, k):
     return z_or_x[:, :-k], y[:, k:]
 
 
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("impl", CORE_IMPLS + [f"fused-{n}" for n in LINEAR_IMPLS])
+@pytest.mark.parametrize("k", [1, slow(2)])
+@pytest.mark.parametrize(
+    "impl",
+    [slow(n) if n != "xla" else n for n in CORE_IMPLS]
+    + [slow(f"fused-{n}") for n in LINEAR_IMPLS],
+)
 def test_shift_equals_slicing(impl, k):
     x, w, y, cw = _data(4)
     kw = dict(ignore_index=IGNORE, class_weights=cw, z_loss=1e-3, label_smoothing=0.05)
@@ -311,6 +327,7 @@ def test_shift_equals_slicing(impl, k):
     np.testing.assert_array_equal(per[:, -k:], 0.0)
 
 
+@pytest.mark.slow
 def test_shift_checks_only_target_labels():
     """The first k labels are inputs, never targets: out of range there is
     fine; out of range in a target position raises."""
@@ -369,7 +386,7 @@ def _segments_loop(per_example, weights, segment_ids, scored):
 
 
 @pytest.mark.parametrize("impl", CORE_IMPLS + [f"fused-{n}" for n in LINEAR_IMPLS])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, slow(True)])
 def test_mean_per_segment_equals_a_loop_over_segments(impl, weighted):
     x, w, y, cw = _data(5)
     seg = jnp.asarray([[3, 3, 3, 3, 7, 7, -1, 3, 3], [0, 0, 1, 1, 1, 1, 1, 2, 2]])
@@ -425,7 +442,8 @@ def test_mean_per_segment_normalizer_and_z_loss():
 # --- [V, D] classifiers -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", [slow(n) if n == "xla" else n for n in LINEAR_IMPLS])
+@pytest.mark.slow
 def test_w_layout_vd_equals_dv(impl):
     x, w, y, cw = _data(8)
     kw = dict(ignore_index=IGNORE, class_weights=cw, label_smoothing=0.1)

@@ -47,6 +47,7 @@ def test_notebooks_are_found():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.slow
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.delenv("XENT_WRITE_FIGURES", raising=False)
     before = _listing()

@@ -23,6 +23,7 @@ from core_helpers import (
 )
 from jax.ad_checkpoint import print_saved_residuals
 from ops import IGNORE
+from tiers import slow
 
 import xent_jax as xj
 
@@ -91,7 +92,7 @@ def test_low_precision_loss_not_quantised(op, dtype):
 
 
 @ops.parametrize("integer_labels")
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.float16, slow(jnp.bfloat16), slow(jnp.float32)])
 def test_labels_above_2048(op, dtype):
     # Integer labels are never cast to the logits' dtype.
     args = op.random_inputs(2, 3000, dtype, d=8) | dict(labels=jnp.array([2049, 2999]))
@@ -121,7 +122,7 @@ def _neg_inf_grid():
 
 
 @ops.parametrize("ignore_index", "row_neg_inf")
-@pytest.mark.parametrize("transform", ["eager", "jit", "vmap"])
+@pytest.mark.parametrize("transform", [slow("eager"), "jit", slow("vmap")])
 def test_neg_inf_grid_integer(op, transform):
     x, y, ok = _neg_inf_grid()
     # Drop the unspecified case (used row of all -inf) from the batch.
@@ -150,7 +151,8 @@ def test_neg_inf_grid_integer(op, transform):
 
 
 @ops.parametrize("where")
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [slow(0.0), 0.1])
+@pytest.mark.slow
 def test_neg_inf_grid_with_where_mask(op, smoothing):
     # -inf logits excluded by `where`: smoothing spreads over kept classes only,
     # and the fully masked row (all -inf, nothing kept) gives loss 0, grad 0.
@@ -211,7 +213,7 @@ def test_neg_inf_masked_classes(op):
 
 
 @ops.parametrize()
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, slow(jnp.bfloat16)])
 def test_extreme_logits(op, dtype):
     x = np.array(logits((N, C)))
     x[0, :] = 0.0
@@ -285,12 +287,12 @@ def test_ignored_rows_get_exact_zero_gradient(op):
     _unscored_rows(op, ignore_index=IGNORE)
 
 
-@ops.parametrize("where")
+@ops.parametrize("where", fast=("soft-reference", "integer-reference"))
 def test_rows_masked_by_where_get_exact_zero_gradient(op):
     _unscored_rows(op, where=~np.isin(np.arange(N), [1, 3, 4]))
 
 
-@ops.parametrize("elementwise")
+@ops.parametrize("elementwise", fast=("bce-reference",))
 def test_bce_extreme_grid(op):
     xs = jnp.array([-jnp.inf, -1e4, -120.0, -30.0, 0.0, 30.0, 120.0, 1e4, jnp.inf])
     ys = jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiers import slow
 
 from xent_jax import _compat, _registry, linear_cross_entropy
 from xent_jax._linear import tiles
@@ -154,7 +155,7 @@ def _close(a, b, dtype):
     np.testing.assert_allclose(a, b, rtol=t, atol=t * scale)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c == "all_options" else slow(c) for c in CASES])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_reference(impl, case):
     dtype, (outs, grads) = _run(impl, case)
@@ -173,6 +174,7 @@ def test_matches_reference(impl, case):
 @pytest.mark.parametrize(
     "impl,argnums", [("pallas_tpu", (1,)), ("pallas_triton", (0, 2))], ids=str
 )
+@pytest.mark.slow
 def test_partial_gradients_and_filter(impl, argnums):
     """Only the gradients asked for (dw alone: a frozen x; dx and dbias: a
     frozen head), with a filter that skips every tile: equal to the XLA
@@ -198,6 +200,7 @@ def test_partial_gradients_and_filter(impl, argnums):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_grad_of_grad_is_refused_by_name(impl):
     """Differentiating the Pallas backward raised a bare AssertionError from
     inside JAX; now a NotImplementedError that names the way out. The first
@@ -248,6 +251,7 @@ def test_empty_batch(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_float32_under_x64(impl):
     """Found by the differential fuzzer (issue 9): with x64 on, the Triton
     kernel's D loop counted in int64 and the interpreter's atomic add refused
@@ -347,6 +351,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_vocabulary_parallel_shard_map():
     """axis_name under shard_map (2 data x 2 model CPU devices, the last shard
     padded): Triton with check_vma on (every option, aux), TPU with it off
@@ -423,7 +428,7 @@ def _kernel_calls(impl, text) -> int:
     return text.count(f"stablehlo.custom_call @{target}(")
 
 
-@pytest.mark.parametrize("shape", list(BENCHMARK_SHAPES), ids=str)
+@pytest.mark.parametrize("shape", [slow(s, id=str(s)) for s in BENCHMARK_SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_export_benchmark_shapes(impl, shape, monkeypatch):
     """The benchmark shapes in bf16 lower to compiled kernels: forward, dx and

@@ -18,6 +18,7 @@ from core_helpers import assert_close, cotangent_like, logits
 from hypothesis import given
 from hypothesis import strategies as st
 from ops import IGNORE
+from tiers import EVERY_CASE
 
 N, C = 3, 5
 
@@ -190,6 +191,7 @@ def test_per_example_where_equals_slicing(op, x, y, p, dropped):
     _check_dropping_equals_slicing(op, x, t, dropped, where=jnp.asarray(~dropped))
 
 
+@EVERY_CASE
 @ops.parametrize()
 def test_jit_equals_eager(op):
     # With every option, eager (op by op) as jitted (the jitted program is

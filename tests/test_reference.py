@@ -31,6 +31,7 @@ def test_optax_docstring_example():
     )
 
 
+@pytest.mark.slow
 def test_optax_docstring_axis_tuple_example():
     shape = (1, 2, 3, 4)
     logits = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
@@ -109,6 +110,7 @@ def test_pytorch_formula_by_hand():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_soft_gradient_closed_form_unnormalised_targets():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
@@ -122,6 +124,7 @@ def test_soft_gradient_closed_form_unnormalised_targets():
     np.testing.assert_allclose(gl, 0.8 * (lse - x), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_where_and_inf_conventions():
     x = jnp.array([[1.0, -jnp.inf, 0.5], [3.0, 2.0, 1.0]])
     keep = jnp.array([[True, True, True], [False, False, False]])
@@ -138,6 +141,7 @@ def test_where_and_inf_conventions():
     np.testing.assert_allclose(got[0], exp0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_reference_matches_optax():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)

@@ -32,6 +32,7 @@ import pytest
 import reference as ref
 from core_helpers import float64
 from jax.experimental import checkify
+from tiers import slow
 
 import xent_jax as xj
 
@@ -163,6 +164,7 @@ def test_class01_out_of_range_labels_never_wrap(dtype, value, ignore_index):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "mean_per_segment"])
+@pytest.mark.slow
 def test_class01_mean_over_only_out_of_range_labels_is_nan(reduction):
     """Found by the differential fuzzer (issue 9): under jit, a batch whose
     every label is out of range (an off-by-one vocabulary) has no scored
@@ -328,7 +330,7 @@ def _grads_match(f, f_ref, args, argnums, rtol=1e-5, atol=1e-6):
         assert np.any(np.asarray(b) != 0)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("reduction", [slow("none"), slow("sum"), "mean"])
 def test_class03_class_weights_gradient(reduction):
     """d/d class_weights is the true gradient, for integer and soft labels
     (with smoothing and z-loss); with "mean" the denominator sum w[label]
@@ -469,6 +471,7 @@ def test_class03_label_gradient_at_zero_and_one_targets(implementation):
 
 
 @pytest.mark.parametrize("implementation", [None, "reference"])
+@pytest.mark.slow
 def test_class04_zero_z_loss_adds_nothing(implementation):
     """``ICE([[1e30, 0.]], [0])`` is [0.] and ``ICE([[inf, 0.]], [1])`` is
     [inf]: z_loss=0 multiplies nothing by an infinite lse**2."""
@@ -511,7 +514,7 @@ def test_class05_nan_away_from_the_label(implementation, jit):
     _close(out, R.integer_xent(jnp.nan_to_num(z), y, where=keep))
 
 
-@pytest.mark.parametrize("implementation", [None, "reference"])
+@pytest.mark.parametrize("implementation", [None, slow("reference")])
 def test_class05_nan_away_from_the_label_linear(implementation):
     """The fused loss: a NaN bias entry (a NaN in one class of every row)
     makes every scored row NaN, unless that class is padding."""
@@ -535,7 +538,7 @@ def test_class05_nan_away_from_the_label_linear(implementation):
 # --- class 6: no gradient from unscored rows ------------------------------------------
 
 
-@pytest.mark.parametrize("implementation", [None, "reference"])
+@pytest.mark.parametrize("implementation", [None, slow("reference")])
 def test_class06_ignored_row_with_nan_logits_gets_zero_gradient(implementation):
     """``lg=[[0, 1], [nan, 0]]``, labels [0, -100], ignore_index=-100, mean:
     the gradient's row 1 is exactly [0, 0]."""
@@ -554,6 +557,7 @@ def test_class06_ignored_row_with_nan_logits_gets_zero_gradient(implementation):
         _close(out[0], want[0])
 
 
+@pytest.mark.slow
 def test_class06_other_unscored_rows_get_zero_gradient():
     """Out-of-range labels (under jit), rows that ``where`` masks entirely and
     ignored rows with +-inf / NaN logits: exactly zero gradient, for integer
@@ -584,8 +588,8 @@ LINEAR_IMPLEMENTATIONS = [None, "reference", "pallas_tpu", "pallas_triton"]
 
 
 @pytest.mark.parametrize("implementation", LINEAR_IMPLEMENTATIONS)
-@pytest.mark.parametrize("filter_threshold", [None, 1e-30])
-@pytest.mark.parametrize("logit_softcap", [None, 30.0])
+@pytest.mark.parametrize("filter_threshold", [None, slow(1e-30)])
+@pytest.mark.parametrize("logit_softcap", [None, slow(30.0)])
 @pytest.mark.parametrize("label", [-100, -1], ids=["ignored", "out_of_range"])
 def test_class06_linear_unscored_row_with_nan_hidden_state_gets_zero_dx(
     label, logit_softcap, filter_threshold, implementation
@@ -623,8 +627,8 @@ def test_class06_linear_unscored_row_with_nan_hidden_state_gets_zero_dx(
 
 
 @pytest.mark.parametrize("implementation", LINEAR_IMPLEMENTATIONS)
-@pytest.mark.parametrize("filter_threshold", [None, 1e-30])
-@pytest.mark.parametrize("logit_softcap", [None, 30.0])
+@pytest.mark.parametrize("filter_threshold", [None, slow(1e-30)])
+@pytest.mark.parametrize("logit_softcap", [None, slow(30.0)])
 def test_class06_linear_ignored_row_with_nan_hidden_state_leaves_dw_finite(
     logit_softcap, filter_threshold, implementation
 ):
@@ -662,7 +666,10 @@ def test_class06_linear_ignored_row_with_nan_hidden_state_leaves_dw_finite(
         _close(a, e, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", LINEAR_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "implementation", [None, slow("reference"), "pallas_tpu", slow("pallas_triton")]
+)
+@pytest.mark.slow
 def test_class06_linear_padding_columns_reach_no_gradient(implementation):
     """Found by the fuzzer (the reference was wrong): with ``num_classes`` the
     columns past it are not part of the loss, so a NaN logit there (``inf *
@@ -692,7 +699,7 @@ def test_class07_three_equal_large_logits():
     _close(SCE(jnp.full((1, 3), 1e8), jnp.array([[1.0, 0.0, 0.0]])), [math.log(3)])
 
 
-@pytest.mark.parametrize("offset", [1e4, -1e4])
+@pytest.mark.parametrize("offset", [1e4, slow(-1e4)])
 def test_class07_large_offset_matches_float64(offset):
     """float32 logits ``offset + normal`` match the float64 reference to ~1e-6
     relative: losses are computed in shifted coordinates (integer and soft
@@ -717,6 +724,7 @@ def test_class07_large_offset_matches_float64(offset):
 
 
 @pytest.mark.parametrize("impl", [None, "reference"])
+@pytest.mark.slow
 def test_class07_temperature_offset_cancels_before_the_division(impl):
     """Found by the differential fuzzer (issue 9, temperature): the logits were
     divided by T before the shift, so x / T rounded at the offset's magnitude:
@@ -747,8 +755,14 @@ def test_class07_temperature_offset_cancels_before_the_division(impl):
 
 @pytest.mark.parametrize(
     "impl, block_size",
-    [("xla", None), ("xla", (2, 4)), ("pallas_triton", None), ("pallas_tpu", None)],
+    [
+        slow("xla", None),
+        ("xla", (2, 4)),
+        slow("pallas_triton", None),
+        slow("pallas_tpu", None),
+    ],
 )
+@pytest.mark.slow
 def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(impl, block_size):
     """Fuzzer campaign, stop 19 (float32, logits ~1e30, temperature=3, jit):
     ``lse`` was inf. XLA turned ``/ T`` into ``* (1/T)`` and LLVM contracted
@@ -795,6 +809,7 @@ def test_class07_fused_temperature_at_huge_logits_is_rounded_alike(impl, block_s
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.slow
 def test_class07_mean_per_segment_is_exact_in_float64(impl):
     """Fuzzer campaign, stop 20 (float64, C = 1, z_loss, reduction
     "mean_per_segment"): the segments' counts and their inverses were float32,
@@ -931,6 +946,7 @@ def test_class08_numpy_integer_scalars_are_accepted():
         _close(jax.jit(functools.partial(LCE, **kw))(x, w, y), want)
 
 
+@pytest.mark.slow
 def test_class08_concrete_jax_scalars_are_accepted_exactly():
     """0-d jax arrays that are not traced (``jnp.float32(0.1)``,
     ``jnp.array(-100)``, a bfloat16 scalar) are their exact value, as numpy
@@ -959,6 +975,7 @@ def test_class08_concrete_jax_scalars_are_accepted_exactly():
 # --- class 9: clear errors ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_class09_huge_ignore_index_matches_nothing():
     """``ignore_index=2**40`` with int32 labels is not an error and no
     OverflowError anywhere: it matches nothing, the loss is the normal one."""
@@ -985,6 +1002,7 @@ def test_class09_huge_ignore_index_matches_nothing():
         _close(ice(x64, y64), R.integer_xent(x64, y64))
 
 
+@pytest.mark.slow
 def test_class09_poly_loss_per_example_where():
     """``poly_loss_cross_entropy(where=<shape (6,)>)`` with logits (6, C) is a
     per-example mask (as optax); a wrong shape names the shape passed."""
@@ -1000,6 +1018,7 @@ def test_class09_poly_loss_per_example_where():
         xj.poly_loss_cross_entropy(x, p, where=where[:5])
 
 
+@pytest.mark.slow
 def test_class09_axis_none():
     """``axis=None``: every axis is a class axis (one loss per call, as optax);
     integer labels are then a scalar flat index."""
@@ -1051,6 +1070,7 @@ def _symbolic_batch():
     return b, jax.ShapeDtypeStruct((b, 7), jnp.float32)
 
 
+@pytest.mark.slow
 def test_class10_export_integer_labels():
     """The integer-label loss exports with a symbolic batch ("b, 7"), value and
     grad, per example and mean, and equals the direct call at batch 3 and 5."""
@@ -1064,6 +1084,7 @@ def test_class10_export_integer_labels():
     )
 
 
+@pytest.mark.slow
 def test_class10_export_soft_labels():
     """The soft-label loss exports with a symbolic batch ("b, 7")."""
     _, sx = _symbolic_batch()
@@ -1078,6 +1099,7 @@ def test_class10_export_sigmoid_bce():
     _export_and_check(lambda x, p: BCE(x, p, reduction="mean"), (sx, sx), sets)
 
 
+@pytest.mark.slow
 def test_class10_export_linear_cross_entropy():
     """The fused loss exports with symbolic batch and sequence ("b, s, D")."""
     bb, s = jax.export.symbolic_shape("b, s")
@@ -1100,6 +1122,7 @@ def test_class10_export_linear_cross_entropy():
 # --- class 11: the mean's denominators ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_class11_z_loss_mean_under_class_weights():
     """mean = sum(ce) / sum(w[label]) + sum(zl) / count: the z-term's strength
     does not change when every class weight is multiplied by a constant."""
@@ -1123,6 +1146,7 @@ def test_class11_z_loss_mean_under_class_weights():
         _close(f(h, wm, y, class_weights=3 * w), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_class11_normalizer_pair_and_scalar():
     """A pair normalizer divides the two terms separately; a scalar one
     replaces both denominators, and with class weights and z_loss > 0 a scalar
@@ -1145,6 +1169,7 @@ def test_class11_normalizer_pair_and_scalar():
     _close(f(x, y, normalizer=7.0), R.mean_of_terms(terms, 7.0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_class11_zero_denominators_and_other_losses():
     """A zero denominator makes its term 0 with zero gradient; soft labels
     count rows with a kept class; BCE divides by the number of elements."""
@@ -1165,6 +1190,7 @@ def test_class11_zero_denominators_and_other_losses():
 # --- forward mode: Hessian works, jvp raises ------------------------------------------
 
 
+@pytest.mark.slow
 def test_hessian_of_default_implementation_equals_reference():
     """jax.hessian (forward-over-reverse) runs on the custom VJP and equals the
     reference's Hessian, for integer and soft labels."""
@@ -1188,6 +1214,7 @@ def test_hessian_of_default_implementation_equals_reference():
     )
 
 
+@pytest.mark.slow
 def test_forward_mode_on_default_implementation_raises():
     """jax.jvp and jax.jacfwd directly on the default (custom_vjp)
     implementation raise JAX's forward-mode error."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from tiers import slow
 
 import xent_jax
 
@@ -66,7 +67,13 @@ def test_case_list_matches_the_script():
     assert sorted(defined) == sorted(CASES)
 
 
-@pytest.mark.parametrize("name", CASES)
+# The fast tier keeps one cheap case that runs axis_name and reduction_axis_name.
+FAST_CASES = ("label_range",)
+
+
+@pytest.mark.parametrize(
+    "name", [name if name in FAST_CASES else slow(name) for name in CASES]
+)
 def test_sharding_case(name):
     if name.startswith("gspmd_linear") and not hasattr(
         xent_jax, "linear_cross_entropy"

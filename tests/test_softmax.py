@@ -240,6 +240,7 @@ def test_optax_docstring_values(impl):
     np.testing.assert_allclose(out_s, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_default_implementation_is_custom_vjp():
     x, y, axis, where, kw = int_case("combined")
     f = xj.softmax_cross_entropy_with_integer_labels
@@ -437,6 +438,7 @@ def test_reduction_none_is_default(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_gradient_accumulation_with_normalizer(impl):
     # sum over micro-batches of mean(normalizer=global count) == full-batch mean.
     r = rng(12)
