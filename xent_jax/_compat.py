@@ -8,6 +8,7 @@ an upgrade that silently switches to a fallback fails CI instead.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -90,37 +91,16 @@ def _checkify_rule(failure):
 # --- shard_map's varying-manual-axes types (check_vma) -----------------------
 
 
-if hasattr(jax.core.ShapedArray, "manual_axis_type"):  # jax >= 0.9
-    BRANCHES["varying_manual_axes"] = "manual_axis_type"
-
-    def varying_manual_axes(x: Any) -> frozenset:
-        """The ``shard_map`` axes over which ``x`` varies (empty without
-        ``check_vma`` or outside ``shard_map``)."""
-        manual = getattr(jax.typeof(x), "manual_axis_type", None)
-        return frozenset(() if manual is None else manual.varying)
-
-else:  # jax 0.7 - 0.8
-    BRANCHES["varying_manual_axes"] = "vma"
-
-    def varying_manual_axes(x: Any) -> frozenset:
-        """The ``shard_map`` axes over which ``x`` varies (empty without
-        ``check_vma`` or outside ``shard_map``)."""
-        return frozenset(getattr(jax.typeof(x), "vma", ()))
+def varying_manual_axes(x: Any) -> frozenset:
+    """The ``shard_map`` axes over which ``x`` varies (empty without
+    ``check_vma`` or outside ``shard_map``)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(() if manual is None else manual.varying)
 
 
-if hasattr(jax.lax, "pcast"):
-    BRANCHES["to_varying"] = "pcast"
-
-    def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
-        """Marks an invariant value as varying over ``axes`` (no data moves)."""
-        return jax.lax.pcast(x, axes, to="varying") if axes else x
-
-else:  # pragma: no cover - jax < 0.9
-    BRANCHES["to_varying"] = "pvary"
-
-    def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
-        """Marks an invariant value as varying over ``axes`` (no data moves)."""
-        return jax.lax.pvary(x, axes) if axes else x
+def to_varying(x: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
+    """Marks an invariant value as varying over ``axes`` (no data moves)."""
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 # --- sharding in types (Explicit mesh axes) ----------------------------------
@@ -139,13 +119,25 @@ def type_sharding(x: Any):
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+# jax 0.12 lowers Pallas Triton kernels for a GPU named by an abstract device;
+# before (0.10.0's AbstractDevice has no platform), Pallas lowered for compute
+# capability 9.0 without a GPU.
+_ABSTRACT_GPU = hasattr(jax.sharding, "use_abstract_mesh") and "platform" in (
+    inspect.signature(getattr(jax.sharding, "AbstractDevice", int)).parameters
+)
+BRANCHES["gpu_lowering"] = "abstract_device" if _ABSTRACT_GPU else "default_target"
+
+
 def lowering_gpu(device_kind: str = H100):
     """Context in which Pallas Triton kernels lower for ``device_kind`` on a
     host without that GPU (``jax.export(..., platforms=["cuda"])`` from CPU).
 
-    jax 0.12 asks for an abstract device in the abstract mesh; before, Pallas
-    lowered for compute capability 9.0 without a GPU and ignores it.
+    jax 0.12 asks for an abstract device in the abstract mesh; where there is
+    none, Pallas lowers for its default target (an H100's) and this does
+    nothing.
     """
+    if not _ABSTRACT_GPU:
+        return contextlib.nullcontext()
     device = jax.sharding.AbstractDevice(
         device_kind=device_kind, num_cores=None, platform="gpu"
     )
@@ -212,15 +204,5 @@ BRANCHES["transpose_detection"] = _probe_transpose_detection()
 
 
 def enable_x64():
-    """Context manager enabling float64: ``jax.enable_x64`` where it exists
-    (jax >= 0.8), ``jax.experimental.enable_x64`` before."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64 as legacy  # pragma: no cover
-
-    return legacy()  # pragma: no cover
-
-
-BRANCHES["enable_x64"] = (
-    "jax.enable_x64" if hasattr(jax, "enable_x64") else "experimental"
-)
+    """Context manager enabling float64 (``jax.enable_x64``)."""
+    return jax.enable_x64(True)
