@@ -9,12 +9,14 @@ the Pallas implementations get those checks too.
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import ops
 import pytest
 from core_helpers import assert_close, cotangent_like, int_labels, logits
+from jax import export
 from jax.experimental import checkify
 from ops import IGNORE
 from tiers import EVERY_CASE
@@ -123,6 +125,57 @@ def test_shape_errors_at_trace_time_under_jit(op):
     bad = BAD_LABEL_SHAPES[_label_kind(op)][0]
     with _raises_naming(ValueError, "labels", good.shape, bad):
         jax.jit(lambda v, lab: op(v, lab))(x, jnp.zeros(bad, good.dtype))
+
+
+def _contract_violations(op):
+    """(what, arrays) pairs: the op's arguments with one contract broken."""
+    args = op.inputs(logits((N, C)), op.labels((N,), C))
+    bad_labels = BAD_LABEL_SHAPES[_label_kind(op)][0]
+    yield "labels shape", dict(args, labels=jnp.zeros(bad_labels, args["labels"].dtype))
+    first = next(n for n in ("logits", "x") if n in args)
+    yield f"{first} dtype", dict(args, **{first: args[first].astype(jnp.int32)})
+    if op.kind == "linear":
+        yield "w rank", dict(args, w=args["w"][None])
+        yield "x last axis", dict(args, x=jnp.pad(args["x"], ((0, 0), (0, 1))))
+    if op.has("where"):
+        yield "where shape", dict(args, where=jnp.ones((N + 1,), bool))
+    if op.has("class_weights"):
+        yield "class_weights shape", dict(args, class_weights=jnp.ones((C + 1,)))
+
+
+def _error(call):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+@EVERY_CASE
+@ops.parametrize(pallas=True, composite=True)
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+def test_contracts_fire_the_same_when_lowered_for_each_platform(op, platform):
+    # chex checks shapes and dtypes while tracing: lowering for a TPU or a GPU
+    # this host does not have raises what an eager call on CPU raises.
+    lower = export.export(jax.jit(op.raw), platforms=[platform])
+    for what, arrays in _contract_violations(op):
+        specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+        eager = _error(lambda a=arrays: op.raw(a))
+        # where's shape has two valid forms: no single chex assertion.
+        assert eager[1].startswith("[Chex]") or what == "where shape", eager
+        assert eager == _error(lambda s=specs: lower(s)), what
+
+
+@ops.parametrize(composite=True, fast=("integer-xla",))
+def test_contracts_hold_with_chex_asserts_disabled(op):
+    # chex.disable_asserts() switches off the user's own assertions; a loss
+    # with labels of the wrong shape would otherwise broadcast them silently.
+    what, arrays = next(_contract_violations(op))
+    chex.disable_asserts()
+    try:
+        with pytest.raises(ValueError, match="labels"):
+            op.raw(arrays)
+        chex.assert_rank(jnp.zeros(()), 1)  # still disabled for the user
+    finally:
+        chex.enable_asserts()
 
 
 # --- output shapes and dtypes -------------------------------------------------

@@ -1,19 +1,48 @@
-"""Array contracts shared by every loss, checked at trace time.
+"""Array contracts shared by every loss, checked at trace time with chex.
 
 Shapes and dtypes are static, so everything here runs while tracing and costs
-nothing in the compiled program. Dtype problems raise ``TypeError``, shape
-problems ``ValueError``; messages name the argument and show what was expected
-and what was passed.
+nothing in the compiled program, on any backend (and when lowering for one
+this host does not have). Dtype problems raise ``TypeError``, shape problems
+``ValueError``; messages name the argument and show what was expected and what
+was passed, after chex's own account of the failed assertion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_PROBE = jax.ShapeDtypeStruct((), jnp.float32)
+
+
+def _chex_disabled() -> bool:
+    """Whether the user turned chex's assertions off (``chex.disable_asserts``)."""
+    try:
+        chex.assert_rank(_PROBE, 1)
+    except AssertionError:
+        return False
+    return True
+
+
+def _chex(assertion: Callable, x: Any, expected: Any, error: type, message: str):
+    """Runs a chex static assertion on ``x``'s shape and dtype only (a stand-in
+    struct: chex would read a Python sequence as several inputs), raising
+    ``error`` with ``message``. ``chex.disable_asserts()`` is for the user's
+    own assertions: a loss's contracts hold regardless."""
+    struct = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    disabled = _chex_disabled()
+    if disabled:
+        chex.enable_asserts()
+    try:
+        assertion(struct, expected, exception_type=error, custom_message=message)
+    finally:
+        if disabled:
+            chex.disable_asserts()
 
 
 def as_array(x: Any, name: str) -> jax.Array:
@@ -38,22 +67,22 @@ def optional_array(x: Any, name: str) -> jax.Array | None:
 
 def check_floating(x: Any, name: str) -> None:
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype; got {dtype}.")
+    message = f"{name} must have a floating dtype; got {dtype}."
+    _chex(chex.assert_type, x, jnp.floating, TypeError, message)
 
 
 def check_integer(x: Any, name: str) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(
-            f"{name} must have an integer dtype (class ids); got {dtype}. Float "
-            "and bool labels are never cast: pass integers, or use "
-            "softmax_cross_entropy for probability targets."
-        )
+    message = (
+        f"{name} must have an integer dtype (class ids); got "
+        f"{jnp.result_type(x)}. Float and bool labels are never cast: pass "
+        "integers, or use softmax_cross_entropy for probability targets."
+    )
+    _chex(chex.assert_type, x, jnp.integer, TypeError, message)
 
 
 def check_real(x: Any, name: str) -> None:
-    """A number that can weigh a loss: floating or integer, not bool."""
+    """A number that can weigh a loss: floating or integer, not bool (no chex
+    assertion takes a set of dtype kinds)."""
     dtype = jnp.result_type(x)
     if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.number):
         raise TypeError(f"{name} must have a numeric dtype; got {dtype}.")
@@ -62,30 +91,34 @@ def check_real(x: Any, name: str) -> None:
 
 
 def check_bool(x: Any, name: str) -> None:
-    dtype = jnp.result_type(x)
-    if dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean mask; got dtype {dtype}.")
+    message = f"{name} must be a boolean mask; got dtype {jnp.result_type(x)}."
+    _chex(chex.assert_type, x, jnp.bool_, TypeError, message)
 
 
-def check_shape(x: Any, expected: Sequence[int], name: str, hint: str = "") -> None:
-    """Raises unless ``x`` has exactly ``expected`` shape (no broadcasting)."""
+def check_shape(
+    x: Any, expected: Sequence[Any], name: str, hint: str = "", message: str = ""
+) -> None:
+    """Raises unless ``x`` has exactly ``expected`` shape (no broadcasting;
+    chex's ``None`` and ``...`` match any dimension and any leading ones)."""
     expected = tuple(expected)
     got = tuple(np.shape(x))
-    same = len(got) == len(expected) and all(
-        g is e or g == e for g, e in zip(got, expected, strict=True)
-    )
-    if not same:
-        raise ValueError(f"{name} must have shape {expected}{hint}; got {got}.")
+    message = message or f"{name} must have shape {expected}{hint}; got {got}."
+    _chex(chex.assert_shape, x, expected, ValueError, message)
+
+
+def check_rank(x: Any, ranks: int | set[int], message: str) -> None:
+    _chex(chex.assert_rank, x, ranks, ValueError, message)
 
 
 def check_broadcastable(x: Any, target: Sequence[int], name: str) -> None:
     """Raises unless ``x`` broadcasts to ``target`` without growing it."""
     shape, target = tuple(np.shape(x)), tuple(target)
-    ok = len(shape) <= len(target) and all(
-        s == 1 or s == t for s, t in zip(shape[::-1], target[::-1], strict=False)
-    )
-    if not ok:
-        raise ValueError(f"{name} must broadcast to {target}; got {shape}.")
+    message = f"{name} must broadcast to {target}; got {shape}."
+    _chex(_broadcastable_to, x, target, ValueError, message)
+
+
+def _broadcastable_to(x: Any, target: Sequence[int], **kwargs: Any) -> None:
+    chex.assert_is_broadcastable(x.shape, target, **kwargs)
 
 
 def canonical_axes(axis: Any, ndim: int, name: str = "axis") -> tuple[int, ...]:

@@ -358,8 +358,8 @@ def softmax_focal_loss(
     alpha = _checks.optional_array(alpha, "alpha")
     if alpha is not None:
         _checks.check_floating(alpha, "alpha")
-        if alpha.ndim > 1:
-            raise ValueError(f"alpha must be a scalar or [C]; got shape {alpha.shape}.")
+        message = f"alpha must be a scalar or [C]; got shape {alpha.shape}."
+        _checks.check_rank(alpha, {0, 1}, message)
 
     def focal(ce, inputs):
         # ce = -log p_y >= 0; 1 - p_y = -expm1(-ce) without forming p_y.

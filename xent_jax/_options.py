@@ -139,10 +139,7 @@ def normalizer(value: Any, parts: int) -> tuple[jax.Array, ...] | None:
     for v in values:
         v = _checks.as_array(v, "normalizer")
         _checks.check_real(v, "normalizer")
-        if v.ndim != 0:
-            raise ValueError(
-                f"normalizer must be a scalar (shape ()); got shape {v.shape}."
-            )
+        _checks.check_shape(v, (), "normalizer", " (a scalar)")
         out.append(v)
     return tuple(out) * (parts if len(out) == 1 else 1)
 

@@ -67,11 +67,8 @@ def _per_class(value, name: str, v_local: int):
 def _classifier(w, w_layout, implementation: str):
     """``(w, rows)``: ``w`` as the kernel takes it, ``[V, D]`` when ``rows``."""
     _options.choice(w_layout, ("dv", "vd"), "w_layout")
-    if w.ndim != 2:
-        raise ValueError(
-            f"w must have shape ({'V, D' if w_layout == 'vd' else 'D, V'}); got "
-            f"{w.shape}."
-        )
+    expected = "(V, D)" if w_layout == "vd" else "(D, V)"
+    _checks.check_rank(w, 2, f"w must have shape {expected}; got {w.shape}.")
     if w_layout == "vd":
         return w, True
     # A tied embedding passed as emb.T: the kernel runs on w.T [V, D], which XLA
@@ -100,10 +97,8 @@ def _inputs(x, w, labels, bias, class_weights, w_layout, opts, impl_name):
     _checks.check_integer(labels, "labels")
     w, rows = _classifier(w, w_layout, impl_name)
     v_local, d = w.shape if rows else w.shape[::-1]
-    if x.ndim < 1 or x.shape[-1] != d:
-        raise ValueError(
-            f"x must have shape (..., {d}) (its last axis is w's D); got {x.shape}."
-        )
+    message = f"x must have shape (..., {d}) (its last axis is w's D); got {x.shape}."
+    _checks.check_shape(x, (..., d), "x", message=message)
     _checks.check_shape(labels, x.shape[:-1], "labels", " (x's shape without D)")
     bias = _per_class(bias, "bias", v_local)
     class_weights = _per_class(class_weights, "class_weights", v_local)

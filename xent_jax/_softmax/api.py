@@ -46,9 +46,9 @@ def _canonicalize(logits, labels, axis, where, integer: bool):
     to match, and ``where`` as a per-class mask of ``x``'s shape or a
     per-example mask of its batch shape (one of them ``None``).
     """
+    message = "logits must have at least one (class) axis; got a scalar."
+    _checks.check_shape(logits, (None, ...), "logits", message=message)
     ndim = logits.ndim
-    if ndim == 0:
-        raise ValueError("logits must have at least one (class) axis; got a scalar.")
     axes = _checks.canonical_axes(axis, ndim)
     batch_axes = tuple(a for a in range(ndim) if a not in axes)
     batch_shape = tuple(logits.shape[a] for a in batch_axes)
