@@ -230,6 +230,38 @@ def test_registered_not_default():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_every_pallas_call_carries_a_cost_estimate(impl):
+    # Without cost_estimate= XLA counts a Pallas kernel as free (issue 27):
+    # value_and_grad's kernels together must declare at least the forward's,
+    # dx's and dW's matmuls, 3 x 2NDV (over whole tiles: more), plus the
+    # recomputed logits of the backward pass (4 x 2NDV on TPU).
+    x, w, b, y, _, _ = _data(jnp.float32, rows=False)
+
+    def loss(x, w):
+        kw = dict(bias=b, ignore_index=IGNORE, implementation=impl)
+        return linear_cross_entropy(x, w, y, **kw)
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    calls = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    assert calls, jaxpr
+    estimates = [e.params.get("cost_estimate") for e in calls]
+    assert all(c is not None for c in estimates), [e.params["name"] for e in calls]
+    flops = sum(c.flops for c in estimates)
+    assert flops >= (4 if impl == "pallas_tpu" else 3) * 2 * N * D * V, flops
+    assert all(c.transcendentals > 0 and c.bytes_accessed > 0 for c in estimates)
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's
+                if hasattr(sub, "eqns"):
+                    yield from _equations(sub)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_batch(impl):
     """Found by the differential fuzzer (issue 9): no tokens raised
     ZeroDivisionError from the grid's size; the value and the (zero) gradients

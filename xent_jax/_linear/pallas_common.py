@@ -62,6 +62,25 @@ class Spec:
         return self.v % self.tv != 0
 
 
+def cost(spec: Spec, x, w, *, products: int, x_reads: int, w_reads: int, written: int):
+    """The ``pl.CostEstimate`` of one ``pallas_call`` over the tiled
+    ``[N, V]`` (padded to whole tiles): ``products`` ``[N, D] x [D, V]``
+    matmuls (the logits, dx or dW), one exp per logit, ``x`` read ``x_reads``
+    times and ``w`` ``w_reads`` times, ``written`` bytes out. Without it XLA
+    counts a kernel as free, and its scheduler and ``cost_analysis()`` with
+    it."""
+    from jax.experimental import pallas as pl  # not at import (see the kernels)
+
+    n = -(-spec.n // spec.tn) * spec.tn
+    v = -(-spec.v // spec.tv) * spec.tv
+    read = x_reads * x.size * x.dtype.itemsize + w_reads * w.size * w.dtype.itemsize
+    return pl.CostEstimate(
+        flops=2 * products * n * spec.d * v,
+        transcendentals=n * v,
+        bytes_accessed=int(read + written),
+    )
+
+
 def check_supported(x, w, name: str) -> None:
     """Raises for what no Pallas kernel takes (with the option's name)."""
     if not all(_compat.is_static(s) for s in x.shape + w.shape):

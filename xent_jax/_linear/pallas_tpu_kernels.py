@@ -58,6 +58,15 @@ def forward_call(x, w, rows, cols, *, spec, names, interpret):
         out_specs={k: row for k in names},
         scratch_shapes=[pltpu.VMEM((1, 1), spec.cdt)] if "u" in cols else [],
         compiler_params=_params(("parallel", "arbitrary")),
+        cost_estimate=common.cost(
+            spec,
+            x,
+            w,
+            products=1,
+            x_reads=1,
+            w_reads=_grid(spec)[0],
+            written=len(names) * spec.n * 4,
+        ),
         interpret=interpret,
         name="xent_linear_forward",
     )(x, w, rows, cols)
@@ -71,6 +80,15 @@ def dx_call(x, w, rows, cols, *, spec, interpret):
         in_specs=_block_specs(spec, rows, cols, False),
         out_specs=pl.BlockSpec((spec.tn, spec.d), lambda i, j: (i, 0)),
         compiler_params=_params(("parallel", "arbitrary")),
+        cost_estimate=common.cost(
+            spec,
+            x,
+            w,
+            products=2,
+            x_reads=1,
+            w_reads=_grid(spec)[0],
+            written=spec.n * spec.d * 4,
+        ),
         interpret=interpret,
         name="xent_linear_dx",
     )(x, w, rows, cols)
@@ -99,6 +117,15 @@ def dw_call(x, w, rows, cols, *, spec, names, w_dtype, interpret):
         out_specs={k: specs[k] for k in names},
         scratch_shapes=scratch,
         compiler_params=_params(("parallel", "arbitrary")),
+        cost_estimate=common.cost(
+            spec,
+            x,
+            w,
+            products=2,
+            x_reads=_grid(spec, True)[0],
+            w_reads=1,
+            written=spec.d * spec.v * jnp.dtype(w_dtype).itemsize,
+        ),
         interpret=interpret,
         name="xent_linear_dw",
     )(x, w, rows, cols)

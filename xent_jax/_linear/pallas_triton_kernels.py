@@ -33,6 +33,15 @@ def forward_call(x, w, rows, cols, *, spec, names, per_split, interpret):
         out_shape={k: common.out_struct(shape, spec.cdt, x) for k in names},
         grid=(token_tiles, spec.splits),
         compiler_params=_params(),
+        cost_estimate=common.cost(
+            spec,
+            x,
+            w,
+            products=1,
+            x_reads=spec.splits,
+            w_reads=token_tiles,
+            written=len(names) * shape[0] * 4,
+        ),
         interpret=interpret,
         name="xent_linear_forward",
     )(x, w, rows, cols)
@@ -48,6 +57,15 @@ def backward_call(x, w, rows, cols, zeros, *, spec, interpret):
         grid=(pl.cdiv(spec.n, spec.tn), pl.cdiv(spec.v, spec.tv)),
         input_output_aliases=aliases,
         compiler_params=_params(),
+        cost_estimate=common.cost(  # logits, dx and dW; f32 atomic adds
+            spec,
+            x,
+            w,
+            products=3,
+            x_reads=pl.cdiv(spec.v, spec.tv),
+            w_reads=pl.cdiv(spec.n, spec.tn),
+            written=sum(a.size * a.dtype.itemsize for a in zeros.values()),
+        ),
         interpret=interpret,
         name="xent_linear_backward",
     )(x, w, rows, cols, zeros)
