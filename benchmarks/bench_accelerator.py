@@ -15,20 +15,26 @@ On the accelerator ``jax.default_backend()`` finds, for
    published numbers.
 
 On a CPU it says that it needs an accelerator and exits 0. Without one,
-``--aot-tpu v5e:2x2`` (with ``libtpu`` installed, e.g. ``pip install
-"jax[tpu]"`` in a separate environment) compiles the same programs for a TPU
-topology, deviceless, and prints their compiled temporary memory: a full
-Mosaic compile of the kernels, nothing runs.
+``--aot v5e``, ``--aot v6e`` or ``--aot h100`` (with ``pip install
+"jax[tpu,cuda12-local]==<jax's version>"``) compiles the same programs with
+the real XLA:TPU (Mosaic) or XLA:GPU (Triton) compiler, deviceless
+(``tests/deviceless.py``), for optax and every implementation in bfloat16 and
+float32, and prints compile time, the compiled memory, the W-sized copies in
+the optimised HLO and the compiler's cost (TPU only: the compile-only GPU
+executable has none). Nothing runs, so nothing is timed.
 
     python benchmarks/bench_accelerator.py             # on a GPU or TPU host
     python benchmarks/bench_accelerator.py --smoke     # small shapes
-    python benchmarks/bench_accelerator.py --aot-tpu v5e:2x2
+    python benchmarks/bench_accelerator.py --aot v5e --aot v6e --aot h100
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -144,36 +150,79 @@ def table(kernel: str, shapes, repeats: int) -> None:
             )
 
 
-def aot_tpu(topology: str, shapes) -> None:
-    """Deviceless compiles for a TPU topology (needs libtpu): temp memory."""
-    from jax.experimental import topologies
+def aot(target: str, shapes, dtypes) -> None:
+    """Deviceless compiles for ``target`` (``tests/deviceless.py``): memory,
+    compile time and the compiler's cost of optax and every implementation."""
+    import time
 
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    print(f"deviceless compile for TPU {topology} ({topo.devices[0].device_kind})")
-    print("| N x D x V (bf16) | implementation | compiled temp MiB |")
-    print("|---|---|---|")
-    for n, d, v in shapes:
-        specs = (((n, d), jnp.bfloat16), ((d, v), jnp.bfloat16), ((n,), jnp.int32))
-        args = [jax.ShapeDtypeStruct(s, t, sharding=rep) for s, t in specs]
-        for name, loss in losses("pallas_tpu").items():
-            lowered = step(loss).trace(*args).lower(lowering_platforms=("tpu",))
-            temp = lowered.compile().memory_analysis().temp_size_in_bytes / MiB
-            print(f"| {n}x{d}x{v} | {name} | {temp:.0f} |", flush=True)
+    from deviceless import KERNEL, MiB, compile_for, specs, w_copies
+
+    from xent_jax import _registry
+
+    other = {"pallas_tpu", "pallas_triton"} - {KERNEL[target]}
+    impls = [n for n in _registry.names("linear") if n not in other]
+    print(f"deviceless compile for {target}; value_and_grad (x, w) of the mean loss")
+    print(
+        "| N x D x V | dtype | variant | compile s | temp MiB | argument MiB "
+        "| output MiB | W-sized copies | flops (compiler) | bytes accessed GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (n, d, v), dtype in itertools.product(shapes, dtypes):
+        args = specs(target, ((n, d), dtype), ((d, v), dtype), ((n,), jnp.int32))
+        variants = {"optax": losses(KERNEL[target])["optax"]}
+        variants |= {i: functools.partial(_fused_loss, impl=i) for i in impls}
+        for name, loss in variants.items():
+            start = time.perf_counter()
+            compiled = compile_for(
+                target, jax.value_and_grad(loss, argnums=(0, 1)), *args
+            )
+            seconds = time.perf_counter() - start
+            mem = compiled.memory_analysis()
+            copies = w_copies(compiled.as_text(), d * v, jnp.dtype(dtype).itemsize)
+            cost = (compiled.cost_analysis() or {}) if target != "h100" else {}
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = cost.get("flops")
+            accessed = cost.get("bytes accessed")
+            print(
+                f"| {n}x{d}x{v} | {jnp.dtype(dtype).name} | {name} | {seconds:.1f} "
+                f"| {mem.temp_size_in_bytes / MiB:.0f} "
+                f"| {mem.argument_size_in_bytes / MiB:.0f} "
+                f"| {mem.output_size_in_bytes / MiB:.0f} | {len(copies)} "
+                f"| {'n/a' if flops is None else f'{flops:.3g}'} "
+                f"| {'n/a' if accessed is None else f'{accessed / 1e9:.2f}'} |",
+                flush=True,
+            )
+
+
+def _fused_loss(x, w, y, impl):
+    return linear_cross_entropy(x, w, y, implementation=impl)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="small shapes")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--aot-tpu", metavar="TOPOLOGY", default=None)
+    parser.add_argument(
+        "--aot",
+        choices=("v5e", "v6e", "h100"),
+        action="append",
+        help="compile deviceless for this target (repeatable); nothing runs",
+    )
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="with --aot")
     args = parser.parse_args()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    if args.aot_tpu:
-        aot_tpu(args.aot_tpu, shapes)
+    if args.aot:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import deviceless
+
+        if (why := deviceless.missing()) is not None:
+            sys.exit(why)
+        deviceless.setup()
+        print(f"jax {jax.__version__}")
+        for target in args.aot:
+            aot(target, shapes, args.dtypes.split(","))
         return
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}")
     backend = jax.default_backend()
     if backend not in KERNEL:
         print("bench_accelerator needs a GPU or a TPU; this is a CPU. Nothing run.")

@@ -33,8 +33,8 @@ TILES: dict[str, Tiles] = {
     # (dx (token, D), dw (D, vocab)) and a few (token, vocab) f32 temporaries;
     # ``tpu_tiles`` halves the vocabulary tile, then the token tile, until
     # that fits TPU_VMEM_BUDGET (D = 4096 in bf16 fits at 256 x 512: ~32 MiB).
-    # Compiled deviceless for v5e and v6e (libtpu, ``bench_accelerator.py
-    # --aot-tpu``) at both benchmark shapes, every option, bf16 and f32.
+    # Compiled deviceless for v5e and v6e (tests/test_deviceless.py, run in
+    # CI) at both benchmark shapes and a ragged one, bf16 and f32.
     "tpu": Tiles(token=256, vocab=512),
     # Triton (GPU). Block dims must be powers of two (Triton tensors), and
     # tl.dot needs at least 16 in each of M, N, K. Tile-sized values (token x
