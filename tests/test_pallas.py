@@ -171,6 +171,48 @@ def test_matches_reference(impl, case):
         _close(g, g_r, dtype)
 
 
+SPAN_CASES = {
+    "bf16": (jnp.bfloat16, False, dict(z_loss=1e-3)),
+    "bf16_rows_smoothing": (
+        jnp.bfloat16,
+        True,
+        dict(label_smoothing=0.1, class_weights=True, return_aux=True),
+    ),
+    "f32_ragged": (jnp.float32, False, dict(logit_softcap=4.0)),
+    "bf16_filter": (jnp.bfloat16, False, dict(filter_threshold=0.0)),
+}
+
+
+@pytest.mark.parametrize("case", SPAN_CASES)
+def test_triton_backward_in_spans_is_one_pass_bit_for_bit(case, monkeypatch):
+    """Issue 27: the Triton backward accumulates a 16-bit (or ragged) dw in
+    float32 span by span of the vocabulary, and a large 16-bit dx token span
+    by token span, each rounded once complete. The interpreter adds the tiles
+    in the same order either way, so the gradients are the one pass's bits."""
+    from xent_jax._linear import pallas_triton
+
+    dtype, rows, opts = SPAN_CASES[case]
+    x, w, b, y, cw, cts = _data(dtype, rows)
+
+    def grads():
+        fn = jax.value_and_grad(
+            _loss("pallas_triton", opts, y, cts, rows), (0, 1, 2, 3), True
+        )
+        kernels = str(jax.make_jaxpr(fn)(x, w, b, cw)).count("pallas_call")
+        return kernels, jax.tree.map(np.asarray, jax.jit(fn)(x, w, b, cw))
+
+    kernels_one, one = grads()  # at these sizes one span covers everything
+    # Spans of one tile (16 classes, 16 tokens at D padded to 32): a loop over
+    # the whole spans and a rest, in both passes.
+    monkeypatch.setattr(pallas_triton, "DW_SPAN_BYTES", 16 * 32 * 4)
+    monkeypatch.setattr(pallas_triton, "DX_INLINE_BYTES", 0)
+    kernels_spans, spans = grads()
+    assert kernels_spans > kernels_one, (kernels_spans, kernels_one)
+    for a, r in zip(jax.tree.leaves(spans), jax.tree.leaves(one), strict=True):
+        assert a.dtype == r.dtype
+        np.testing.assert_array_equal(a, r)
+
+
 @pytest.mark.parametrize(
     "impl,argnums", [("pallas_tpu", (1,)), ("pallas_triton", (0, 2))], ids=str
 )
@@ -330,6 +372,8 @@ from xent_jax import linear_cross_entropy as lce
 from xent_jax._linear import tiles
 tiles.TILES["tpu"] = tiles.Tiles(8, 128)
 tiles.TILES["triton"] = tiles.Tiles(16, 16, 16, programs=4)
+from xent_jax._linear import pallas_triton
+pallas_triton.DW_SPAN_BYTES = 16 * 16 * 4  # dw in spans of one tile: the loop
 auto = (jax.sharding.AxisType.Auto,) * 2
 mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=auto)
 rng = np.random.default_rng(0)
@@ -464,11 +508,13 @@ def _kernel_calls(impl, text) -> int:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_export_benchmark_shapes(impl, shape, monkeypatch):
     """The benchmark shapes in bf16 lower to compiled kernels: forward, dx and
-    dw on TPU; forward and backward in Triton."""
+    dw on TPU; in Triton the forward, and the backward as loops over spans
+    (dx by token spans, dw by vocabulary spans) and their rests."""
     for platform, t in DEFAULT_TILES.items():
         monkeypatch.setitem(tiles.TILES, platform, t)
     text = _export(impl, *BENCHMARK_SHAPES[shape], jnp.bfloat16)
-    assert _kernel_calls(impl, text) == (3 if impl == "pallas_tpu" else 2)
+    calls = _kernel_calls(impl, text)
+    assert calls == 3 if impl == "pallas_tpu" else 2 <= calls <= 5, calls
 
 
 @pytest.mark.parametrize("name", list(EXPORT_OPTIONS))

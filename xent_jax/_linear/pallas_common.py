@@ -62,18 +62,32 @@ class Spec:
         return self.v % self.tv != 0
 
 
-def cost(spec: Spec, x, w, *, products: int, x_reads: int, w_reads: int, written: int):
+def cost(
+    spec: Spec,
+    x,
+    w,
+    *,
+    products: int,
+    x_reads: int,
+    w_reads: int,
+    written: int,
+    extent: tuple[int, int] | None = None,
+):
     """The ``pl.CostEstimate`` of one ``pallas_call`` over the tiled
-    ``[N, V]`` (padded to whole tiles): ``products`` ``[N, D] x [D, V]``
-    matmuls (the logits, dx or dW), one exp per logit, ``x`` read ``x_reads``
-    times and ``w`` ``w_reads`` times, ``written`` bytes out. Without it XLA
-    counts a kernel as free, and its scheduler and ``cost_analysis()`` with
-    it."""
+    ``[N, V]`` (padded to whole tiles; ``extent``: the ``(rows, columns)`` of
+    it the call covers): ``products`` ``[N, D] x [D, V]`` matmuls (the
+    logits, dx or dW), one exp per logit, the covered part of ``x`` read
+    ``x_reads`` times and of ``w`` ``w_reads`` times, ``written`` bytes out.
+    Without it XLA counts a kernel as free, and its scheduler and
+    ``cost_analysis()`` with it."""
     from jax.experimental import pallas as pl  # not at import (see the kernels)
 
-    n = -(-spec.n // spec.tn) * spec.tn
-    v = -(-spec.v // spec.tv) * spec.tv
-    read = x_reads * x.size * x.dtype.itemsize + w_reads * w.size * w.dtype.itemsize
+    n_all = -(-spec.n // spec.tn) * spec.tn
+    v_all = -(-spec.v // spec.tv) * spec.tv
+    n, v = (n_all, v_all) if extent is None else extent
+    read = x_reads * x.size * x.dtype.itemsize * min(
+        1.0, n / n_all
+    ) + w_reads * w.size * w.dtype.itemsize * min(1.0, v / v_all)
     return pl.CostEstimate(
         flops=2 * products * n * spec.d * v,
         transcendentals=n * v,

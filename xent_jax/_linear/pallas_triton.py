@@ -12,15 +12,21 @@ Liger use Triton too). These kernels follow Cut-Cross-Entropy's design:
   each ``(tn, tv)`` tile of logits with a loop over ``D`` in slices of
   ``td``; the splits (enough programs to fill the GPU) are merged per row
   afterwards, as shards are;
-* backward, grid ``(token tiles, vocabulary tiles)``: recomputes the tile's
-  logits, turns them into ``dz`` and, slice by slice of ``D``, adds
-  ``dz . w_sliceᵀ`` to ``dx`` and ``x_sliceᵀ . dz`` to ``dw`` with float32
-  atomic adds (and ``dz``'s column sums to ``db``). With ``filter_threshold``
-  a tile whose probabilities are all below it skips the atomics.
+* backward, grid ``(token tiles, vocabulary tiles)`` of a span: recomputes
+  the tile's logits, turns them into ``dz`` and, slice by slice of ``D``,
+  adds ``dz . w_sliceᵀ`` to ``dx`` and ``x_sliceᵀ . dz`` to ``dw`` with
+  float32 atomic adds (and ``dz``'s column sums to ``db``). With
+  ``filter_threshold`` a tile whose probabilities are all below it skips the
+  atomics.
 
 16-bit operands go to ``tl.dot`` as they are with float32 accumulation. The
-float32 accumulators of ``dx`` and ``dw`` are padded to whole tiles (atomics
-need no masks then) and cast to the inputs' dtypes at the end. Block sizes
+float32 accumulators are padded to whole tiles (atomics need no masks then).
+A float32 ``dw`` of whole tiles is its own accumulator; any other ``dw`` is
+accumulated over vocabulary spans of at most ``DW_SPAN_BYTES`` (a loop over
+the span's first column, one kernel), each rounded into ``dw`` once every
+token is in, so no float32 ``dw`` (2.2 GiB at Gemma-2's head) is held. A
+16-bit ``dx`` whose float32 accumulator would pass ``DX_INLINE_BYTES`` gets
+a pass of its own over token spans (one more matmul per tile). Block sizes
 come from ``tiles.TILES["triton"]``; ``block_size`` is ignored. On CPU the
 kernels run in Pallas's interpreter (``jax.lax.platform_dependent``).
 """
@@ -29,9 +35,10 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
-from xent_jax import _numerics, _registry, _stats
+from xent_jax import _numerics, _registry, _sharding, _stats
 from xent_jax._labels import Labels
 from xent_jax._linear import forward as fwd
 from xent_jax._linear import pallas_common as common
@@ -124,13 +131,25 @@ def _combine_splits(parts: dict, u_split) -> dict:
     return {k: a[:, None] for k, a in out.items()}
 
 
+# A 16-bit (or ragged) dw is accumulated in float32 over vocabulary spans of at
+# most this many bytes, each rounded into dw once every token is in: never a
+# float32 accumulator of all of dw (2.2 GiB at Gemma-2's head in bfloat16).
+DW_SPAN_BYTES = 64 * 2**20
+# A float32 accumulator of a 16-bit dx above this many bytes (256 MiB at
+# N = 16384, D = 4096) gives way to a pass of its own over token spans of at
+# most DW_SPAN_BYTES, each rounded into dx: one more matmul per tile.
+DX_INLINE_BYTES = 128 * 2**20
+
+
 def _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt):
-    """``backward._vocab_loop`` by the backward kernel."""
+    """``backward._vocab_loop`` by the backward kernel: one pass over the
+    vocabulary (in spans when dw needs them, dx accumulated alongside), or a
+    pass over token spans for dx and one over vocabulary spans for the rest
+    (see ``DX_INLINE_BYTES``)."""
     threshold = opts.filter_threshold if filtering else None
     spec = _spec(saved.x, saved.w, opts, layout, threshold)
     n_pad = _cdiv(spec.n, spec.tn) * spec.tn
     v_pad = _cdiv(spec.v, spec.tv) * spec.tv
-    d_pad = _cdiv(spec.d, spec.td) * spec.td
     cols = common.column_fields(
         saved.w, saved.bias, saved.class_weights, opts, layout, cdt
     )
@@ -138,32 +157,129 @@ def _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt):
     rows = common.row_fields(saved, coefs, filtering, cdt)
     rows["label"] = common.local_labels(saved.labels, spec.v, opts)
     rows = {k: _padded(a, n_pad) for k, a in rows.items()}
-    shapes = {
-        "db": (1, v_pad),
-        "dcw": (1, v_pad),
-        "dw": (v_pad, d_pad) if spec.rows else (d_pad, v_pad),
-        "dx": (n_pad, d_pad),
-    }
     wanted = {
         "db": needs.bias,
         "dcw": needs.class_weights and coefs.smoothing is not None,
         "dw": needs.w,
         "dx": needs.x,
     }
-    zeros = {k: jnp.zeros(shapes[k], cdt) for k, want in wanted.items() if want}
-    if not zeros:
+    if not any(wanted.values()):
         return None, None, None, None
-    args = common.same_varying((saved.x, saved.w, rows, cols, zeros))
-    out = common.on_platform(
-        "cuda", functools.partial(_kernels().backward_call, spec=spec), *args
+    args = common.same_varying((saved.x, saved.w, rows, cols))
+    dx = None
+    if wanted["dx"] and _dx_by_tokens(saved, args[0], spec, filtering):
+        dx, wanted["dx"] = _token_pass(args, spec, saved.x.dtype), False
+    if any(wanted.values()):
+        dx_v, dw, db, dcw = _vocab_pass(args, spec, wanted, saved.w.dtype)
+        dx = dx_v if dx is None else dx
+    else:
+        dw = db = dcw = None
+    return common.finish_backward(saved, dx, dw, db, dcw)
+
+
+def _launch(args, spec, zeros: dict, begin, tiles):
+    """The backward kernel over ``tiles`` from ``begin = (row, column)``."""
+    x, w, rows, cols = args
+    begin = jnp.stack([jnp.asarray(b, jnp.int32) for b in begin])
+    args = common.same_varying((x, w, begin, rows, cols, zeros))
+    call = functools.partial(_kernels().backward_call, spec=spec, tiles=tiles)
+    return common.on_platform("cuda", call, *args)
+
+
+def _d_pad(spec) -> int:
+    return _cdiv(spec.d, spec.td) * spec.td
+
+
+def _span(limit: int, tile: int, row_bytes: int) -> int:
+    """The most whole tiles (at least one, at most ``limit`` rounded up) whose
+    float32 accumulator of ``row_bytes`` per index fits ``DW_SPAN_BYTES``."""
+    fit = DW_SPAN_BYTES // row_bytes // tile * tile
+    return min(max(tile, fit), _cdiv(limit, tile) * tile)
+
+
+def _spans(total: int, span: int, tile: int, launch, carry):
+    """``carry = launch(begin, padded, size, carry)`` over ``[0, total)`` in
+    spans of ``span``: a loop over the whole spans (one kernel), then the
+    rest padded to whole ``tile``s."""
+    whole, rest = divmod(total, span)
+
+    def body(s, carry):
+        return launch(s * span, span, span, carry)
+
+    if whole:
+        carry = jax.lax.fori_loop(jnp.int32(0), jnp.int32(whole), body, carry)
+    if rest:
+        carry = launch(whole * span, _cdiv(rest, tile) * tile, rest, carry)
+    return carry
+
+
+def _dx_by_tokens(saved, x_varying, spec, filtering) -> bool:
+    """Whether dx gets a pass of its own (rounded span by span): its float32
+    accumulator is over ``DX_INLINE_BYTES`` and no float32 term follows (the
+    filter's label term, a sum over devices)."""
+    acc = _cdiv(spec.n, spec.tn) * spec.tn * _d_pad(spec) * 4
+    rounded_now = not filtering and not _sharding.extra_varying(x_varying, saved.x)
+    return spec.cdt != saved.x.dtype and acc > DX_INLINE_BYTES and rounded_now
+
+
+def _token_pass(args, spec, dtype):
+    """dx in ``dtype``, token span by token span (each over all classes)."""
+    d_pad, v_tiles = _d_pad(spec), _cdiv(spec.v, spec.tv)
+    span = _span(spec.n, spec.tn, d_pad * 4)
+
+    def launch(begin, padded, size, dx):
+        acc = jnp.zeros((padded, d_pad), spec.cdt)
+        acc = _launch(args, spec, {"dx": acc}, (begin, 0), (padded // spec.tn, v_tiles))
+        part = acc["dx"][:size, : spec.d].astype(dtype)
+        return jax.lax.dynamic_update_slice(dx, part, (begin, 0))
+
+    dx = _sharding.varying_like(jnp.zeros((spec.n, spec.d), dtype), args)
+    return _spans(spec.n, span, spec.tn, launch, dx)
+
+
+def _vocab_pass(args, spec, wanted, dtype):
+    """``(dx, dw, db, dcw)`` (each ``None`` unless wanted) over all tokens,
+    dw span by vocabulary span in ``dtype`` (one span, the accumulator
+    itself, when float32 and whole tiles)."""
+    n_pad, v_pad, d_pad = (
+        _cdiv(spec.n, spec.tn) * spec.tn,
+        _cdiv(spec.v, spec.tv) * spec.tv,
+        _d_pad(spec),
     )
-    dx, dw, db, dcw = (out.get(k) for k in ("dx", "dw", "db", "dcw"))
+    shapes = {"db": (1, v_pad), "dcw": (1, v_pad), "dx": (n_pad, d_pad)}
+    full = {k: jnp.zeros(s, spec.cdt) for k, s in shapes.items() if wanted[k]}
+    full = _sharding.varying_like(full, args)
+
+    def launch(begin, padded, full):
+        zeros = dict(full)
+        if wanted["dw"]:
+            shape = (padded, d_pad) if spec.rows else (d_pad, padded)
+            zeros["dw"] = jnp.zeros(shape, spec.cdt)
+        tiles = (n_pad // spec.tn, padded // spec.tv)
+        out = _launch(args, spec, zeros, (0, begin), tiles)
+        return out.pop("dw", None), out
+
+    exact = dtype == spec.cdt and v_pad == spec.v and d_pad == spec.d
+    if not wanted["dw"] or exact:
+        dw, full = launch(0, v_pad, full)
+    else:
+
+        def span_launch(begin, padded, size, carry):
+            dw, full = carry
+            acc, full = launch(begin, padded, full)
+            part = acc[:size, : spec.d] if spec.rows else acc[: spec.d, :size]
+            at = (begin, 0) if spec.rows else (0, begin)
+            return jax.lax.dynamic_update_slice(dw, part.astype(dtype), at), full
+
+        shape = (spec.v, spec.d) if spec.rows else (spec.d, spec.v)
+        dw = _sharding.varying_like(jnp.zeros(shape, dtype), args)
+        span = _span(spec.v, spec.tv, d_pad * 4)
+        dw, full = _spans(spec.v, span, spec.tv, span_launch, (dw, full))
+    dx = full.get("dx")
     if dx is not None:
         dx = dx[: spec.n, : spec.d]
-    if dw is not None:
-        dw = dw[: spec.v, : spec.d] if spec.rows else dw[: spec.d, : spec.v]
-    db, dcw = (None if a is None else a[:, : spec.v] for a in (db, dcw))
-    return common.finish_backward(saved, dx, dw, db, dcw)
+    db, dcw = (None if k not in full else full[k][:, : spec.v] for k in ("db", "dcw"))
+    return dx, dw, db, dcw
 
 
 # Pallas calls have no derivative rules: a second derivative raises by name.

@@ -47,28 +47,34 @@ def forward_call(x, w, rows, cols, *, spec, names, per_split, interpret):
     )(x, w, rows, cols)
 
 
-def backward_call(x, w, rows, cols, zeros, *, spec, interpret):
-    first = 2 + len(rows) + len(cols)  # the accumulators, flattened (sorted)
+def backward_call(x, w, begin, rows, cols, zeros, *, spec, tiles, interpret):
+    """One backward pass over ``tiles`` (token tiles, vocabulary tiles) from
+    ``begin`` (int32 ``[first row, first column]``, traced: one kernel for
+    every span). ``dx`` and ``dw`` are indexed from ``begin`` (a span's own
+    accumulator), ``db`` and ``dcw`` by global column."""
+    first = 3 + len(rows) + len(cols)  # the accumulators, flattened (sorted)
     aliases = {first + k: k for k in range(len(zeros))}
     out_shape = {k: common.out_struct(a.shape, a.dtype, x) for k, a in zeros.items()}
+    products = 1 + ("dx" in zeros) + ("dw" in zeros)  # logits, dx, dW
     return pl.pallas_call(
         functools.partial(_backward_kernel, spec=spec),
         out_shape=out_shape,
-        grid=(pl.cdiv(spec.n, spec.tn), pl.cdiv(spec.v, spec.tv)),
+        grid=tiles,
         input_output_aliases=aliases,
         compiler_params=_params(),
-        cost_estimate=common.cost(  # logits, dx and dW; f32 atomic adds
+        cost_estimate=common.cost(  # float32 atomic adds
             spec,
             x,
             w,
-            products=3,
-            x_reads=pl.cdiv(spec.v, spec.tv),
-            w_reads=pl.cdiv(spec.n, spec.tn),
+            products=products,
+            x_reads=tiles[1],
+            w_reads=tiles[0],
             written=sum(a.size * a.dtype.itemsize for a in zeros.values()),
+            extent=(tiles[0] * spec.tn, tiles[1] * spec.tv),
         ),
         interpret=interpret,
         name="xent_linear_backward",
-    )(x, w, rows, cols, zeros)
+    )(x, w, begin, rows, cols, zeros)
 
 
 # --- the kernels --------------------------------------------------------------
@@ -146,9 +152,9 @@ def _forward_kernel(x_ref, w_ref, rows, cols, out, *, spec, per_split):
         ref[pl.ds(s * n_pad + r0, spec.tn), :] = st[k]
 
 
-def _backward_kernel(x_ref, w_ref, rows, cols, _zeros, out, *, spec):
+def _backward_kernel(x_ref, w_ref, begin_ref, rows, cols, _zeros, out, *, spec):
     i, j = pl.program_id(0), pl.program_id(1)
-    r0, c0 = i * spec.tn, j * spec.tv
+    r0, c0 = begin_ref[0] + i * spec.tn, begin_ref[1] + j * spec.tv
     col = _ids(c0, spec.tv, 1)
     rowv = {k: r[pl.ds(r0, spec.tn), :] for k, r in rows.items()}
     colv = {k: r[:, pl.ds(c0, spec.tv)] for k, r in cols.items()}
@@ -165,7 +171,8 @@ def _backward_kernel(x_ref, w_ref, rows, cols, _zeros, out, *, spec):
 
     def add():
         if "dx" in out or "dw" in out:
-            _accumulate(x_ref, w_ref, dz, rowv["scored"], out, r0, c0, spec)
+            at = (i * spec.tn, j * spec.tv)  # in the span's accumulators
+            _accumulate(x_ref, w_ref, dz, rowv["scored"], out, (r0, c0), at, spec)
         if "db" in out:
             plgpu.atomic_add(out["db"], cols_at, jnp.sum(dz, axis=0, keepdims=True))
 
@@ -176,18 +183,20 @@ def _backward_kernel(x_ref, w_ref, rows, cols, _zeros, out, *, spec):
         pl.when(keep)(add)
 
 
-def _accumulate(x_ref, w_ref, dz, scored, out, r0, c0, spec):
-    """``dx += dz . wᵀ`` and ``dw += xᵀ . dz`` slice by slice of D."""
+def _accumulate(x_ref, w_ref, dz, scored, out, tile, at, spec):
+    """``dx += dz . wᵀ`` and ``dw += xᵀ . dz`` slice by slice of D, for the
+    tile at global ``tile = (r0, c0)``, into the accumulators at ``at``."""
+    (r0, c0), (ar, ac) = tile, at
 
     def step(k, carry):
         k0 = k * spec.td
         if "dx" in out:
             part = common.dx_part(dz, _load_w(w_ref, k0, c0, spec), spec)
-            plgpu.atomic_add(out["dx"], (pl.ds(r0, spec.tn), pl.ds(k0, spec.td)), part)
+            plgpu.atomic_add(out["dx"], (pl.ds(ar, spec.tn), pl.ds(k0, spec.td)), part)
         if "dw" in out:
             part = common.dw_part(_load_x(x_ref, r0, k0, spec), dz, scored, spec)
-            at = (pl.ds(k0, spec.td), pl.ds(c0, spec.tv))
-            plgpu.atomic_add(out["dw"], at[::-1] if spec.rows else at, part)
+            span_at = (pl.ds(k0, spec.td), pl.ds(ac, spec.tv))
+            plgpu.atomic_add(out["dw"], span_at[::-1] if spec.rows else span_at, part)
         return carry
 
     _int32_loop(pl.cdiv(spec.d, spec.td), step, 0)
