@@ -721,11 +721,15 @@ def _sixteen_bit_case(name, dtype, v):
             out = out[0] + 0.1 * jnp.mean(out[1].entropy) + 0.01 * jnp.mean(out[1].lse)
         return out
 
-    def run():
+    def jitted():
         jax.clear_caches()
         vg = jax.value_and_grad(objective, argnums=(0, 1))
-        return jax.jit(jax.vmap(vg, in_axes=(0, None)))(x, w)
+        return jax.jit(jax.vmap(vg, in_axes=(0, None)))
 
+    def run():
+        return jitted()(x, w)
+
+    run.lowered_text = lambda: jitted().lower(x, w).as_text()
     return run
 
 
@@ -788,6 +792,26 @@ def test_dw_spans_change_no_bit(monkeypatch, name, dtype):
         m.setattr(backward, "DW_SPAN_MAX_BYTES", 2**40)
         want = run()
     _assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("name", ["plain", slow("aux_bias_vd"), slow("filter")])
+def test_dw_in_one_pass_off_cpu_changes_no_bit(monkeypatch, name):
+    """Issue 27: the spans are XLA CPU's alone (``DW_SPAN_PLATFORMS``); on TPU
+    and GPU a 16-bit dw is updated block by block in one pass. Taken on the
+    CPU, that path gives every bit of the spans' dw."""
+    from xent_jax._linear import backward
+
+    run = _sixteen_bit_case(name, jnp.bfloat16, v=64)
+    with monkeypatch.context() as m:
+        for name_ in ("DW_SPAN_BYTES", "DW_SPAN_MAX_BYTES"):
+            m.setattr(backward, name_, 1)  # a span per vocabulary block
+        assert "ui16" in run.lowered_text()  # the spans, as raw bits
+        in_spans = run()
+    with monkeypatch.context() as m:
+        m.setattr(backward, "DW_SPAN_PLATFORMS", ())
+        assert "ui16" not in run.lowered_text()
+        one_pass = run()
+    _assert_same_bits(one_pass, in_spans)
 
 
 @pytest.mark.parametrize("n", [1024, 8192])

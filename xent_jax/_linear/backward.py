@@ -219,6 +219,11 @@ def _dx_put(dx, rows, t):
 DW_SPAN_BYTES = 8 * 2**20
 DW_SPAN_MAX_BYTES = 64 * 2**20
 DW_SPAN_ROWS = 128
+# The platforms that get the spans. XLA:TPU and XLA:GPU update a 16-bit dw in
+# place, and XLA:TPU keeps the raw-bits spans as a second dw beside the output
+# (compiled deviceless for a v5e: 3434 MiB of temporaries at Gemma-2's head
+# with spans, 1162 without; docs/fused.md, "Compiled for TPU and GPU").
+DW_SPAN_PLATFORMS = ("cpu",)
 
 # Bytes of a float32 accumulator of a 16-bit ``dx`` above which it is held as
 # ``layout.SplitFloat32``: the same bits, with the high half in the result's
@@ -291,8 +296,12 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
     span = _dw_span(
         vw.per_group, layout.vocab_block, dw_bytes, _span_bytes(dw_bytes, n)
     )
-    if not needs.w or cdt == w.dtype or span is None:
+
+    def one_pass(init):
         return lay.for_blocks(vw.per_group, layout.vocab_block, vocab_step, init)
+
+    if not needs.w or cdt == w.dtype or span is None:
+        return one_pass(init)
 
     def span_step(start, size, carry):
         dx, dw, db, dcw = carry
@@ -308,7 +317,11 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
         dw = lay.from_raw_bits(lay.put(lay.raw_bits(dw), part, start, dw_axis), w.dtype)
         return dx, dw, db, dcw
 
-    return lay.for_blocks(vw.per_group, span, span_step, init)
+    def in_spans(init):
+        return lay.for_blocks(vw.per_group, span, span_step, init)
+
+    spans = dict.fromkeys(DW_SPAN_PLATFORMS, in_spans)
+    return jax.lax.platform_dependent(init, default=one_pass, **spans)
 
 
 def _split_dx(dx, x, cdt, layout) -> bool:
