@@ -59,25 +59,21 @@ SLACK_MIB = 8
 # (target, implementation, dtype, shape) whose fused bounds do not hold yet,
 # and why (docs/fused.md, "Compiled for TPU and GPU").
 _GROUPS = "the [D, G, V/G] view of w is no bitcast under TPU tiling: w, dw copied"
-_SPANS = "dw's raw-bits spans (an XLA CPU workaround): XLA:TPU copies them"
+_VMEM = "XLA:TPU prefetches w transposed into VMEM (S(1)): a copy, in no HBM"
 _PRECISION = "default precision: XLA:TPU rounds all of w to bf16 once"
-_TRITON_DW = "float32 dw [D, V] accumulated with atomic adds, then converted"
 LM, TOKAMAX, RAGGED = FUSED_SHAPES
 KNOWN_OVER = {
     **{
-        (t, "xla", "bfloat16", s): f"{_GROUPS}; {_SPANS}"
+        (t, "xla", "bfloat16", s): _GROUPS
         for t in ("v5e", "v6e")
         for s in (LM, TOKAMAX)
     },
-    **{(t, "xla", "bfloat16", RAGGED): _SPANS for t in ("v5e", "v6e")},
+    **{(t, "xla", "bfloat16", RAGGED): _VMEM for t in ("v5e", "v6e")},
     **{
         (t, "xla", "float32", s): f"{_GROUPS}; {_PRECISION}"
         for t in ("v5e", "v6e")
         for s in (LM, TOKAMAX)
     },
-    **{("h100", "pallas_triton", "bfloat16", s): _TRITON_DW for s in FUSED_SHAPES},
-    ("h100", "pallas_triton", "float32", RAGGED): "dw's float32 accumulator is "
-    "padded to whole tiles, then sliced: a second W-sized buffer",
 }
 
 
