@@ -59,6 +59,7 @@ def check_in_range(
     ignore_index: int | None,
     source: Any = None,
     name: str = "labels",
+    shift: int = 0,
 ) -> jax.Array:
     """Raises for out-of-range class ids; under tracing, a ``checkify`` check.
 
@@ -69,7 +70,9 @@ def check_in_range(
     use in place of its own: the check lives on that data path, so that
     rematerialisation or dead-code elimination cannot drop it. ``source`` is
     what the user passed, read when it is concrete (a numpy array closed over
-    inside ``jit`` is, the jax array made of it is not).
+    inside ``jit`` is, the jax array made of it is not). ``labels`` and
+    ``source`` start ``shift`` positions into the user's last axis: the
+    position named is the user's.
     """
     concrete = labels if source is None else source
     if not isinstance(concrete, jax.core.Tracer):
@@ -78,8 +81,9 @@ def check_in_range(
         bad = ~is_class & ~ignored
         if bad.any():
             position = tuple(int(i) for i in np.argwhere(bad)[0])
+            users = list(position[:-1]) + [position[-1] + shift] if shift else position
             raise ValueError(
-                f"{name}{list(position)} = {values[position]} is out of range: class "
+                f"{name}{list(users)} = {values[position]} is out of range: class "
                 f"ids must lie in {_allowed(num_classes, ignore_index)} "
                 f"({int(bad.sum())} bad label(s) in all)."
             )
@@ -140,7 +144,7 @@ def prepare(
         labels = labels[..., shift:]
         if source is not None and not isinstance(source, jax.core.Tracer):
             source = np.asarray(source)[..., shift:]
-    labels = check_in_range(labels, num_classes, ignore_index, source)
+    labels = check_in_range(labels, num_classes, ignore_index, source, shift=shift)
     out = classify(labels, num_classes, ignore_index)
     if shift:
         pad = [(0, 0)] * (labels.ndim - 1) + [(0, length - labels.shape[-1])]

@@ -68,6 +68,15 @@ def static_int(value: Any, name: str, minimum: int | None = None) -> int:
     return value
 
 
+def static_bool(value: Any, name: str) -> bool:
+    """A ``bool`` (numpy's and concrete 0-d jax booleans included); never a
+    string or a number taken for its truth value."""
+    given, value = value, _scalar(value)
+    if not isinstance(value, (bool, np.bool_)):
+        raise _static_error(name, "bool", given)
+    return bool(value)
+
+
 def static_float(
     value: Any,
     name: str,
@@ -188,8 +197,6 @@ def softmax_options(
             "shift applies to integer labels: soft targets at position t are "
             "already the distribution of the token after it."
         )
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"return_aux must be a bool; got {return_aux!r}.")
     axis_name, reduction_axis_name = map(axis_names, (axis_name, reduction_axis_name))
     _sharding.check_reduction_axes(axis_name, reduction_axis_name)
     return SoftmaxOptions(
@@ -204,7 +211,7 @@ def softmax_options(
             static_float, logit_softcap, "logit_softcap", 0.0, low_open=True
         ),
         axis_name=axis_name,
-        aux=return_aux,
+        aux=static_bool(return_aux, "return_aux"),
         filter_threshold=optional(
             static_float, filter_threshold, "filter_threshold", 0.0, 1.0
         ),

@@ -31,10 +31,32 @@ class Segments(NamedTuple):
 def validate(segment_ids: Any, shape: tuple) -> jax.Array | None:
     if segment_ids is None:
         return None
+    given = segment_ids
     segment_ids = _checks.as_array(segment_ids, "segment_ids")
     _checks.check_integer(segment_ids, "segment_ids")
+    _check_held(given, segment_ids.dtype)
     _checks.check_shape(segment_ids, shape, "segment_ids", " (the labels' shape)")
     return segment_ids
+
+
+def _check_held(given: Any, dtype) -> None:
+    """Raises if concrete ids do not fit the dtype JAX holds them in (with
+    x64 off, int64 ids become int32: 0 and 2**32 would merge silently)."""
+    if isinstance(given, jax.core.Tracer) or isinstance(given, jax.Array):
+        return
+    values = np.asarray(given)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return
+    info = np.iinfo(dtype)
+    outside = (values < info.min) | (values > info.max)
+    if outside.any():
+        position = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(
+            f"segment_ids{list(position)} = {values[position]} does not fit "
+            f"{np.dtype(dtype).name}, the dtype JAX holds the ids in (with "
+            "jax_enable_x64 off, 64-bit ids become 32-bit and would wrap into "
+            "other ids): renumber the segments, or enable x64."
+        )
 
 
 def padding(segment_ids: jax.Array, ignore_index: int | None) -> jax.Array:
@@ -54,13 +76,15 @@ def same_segment_ahead(segment_ids: jax.Array, shift: int) -> jax.Array:
     """Whether position ``t + shift`` lies in the segment of position ``t``
     (False where ``t + shift`` is past the end): a packed sequence's last
     token does not predict the next sequence's first."""
-    length = segment_ids.shape[-1]
-    ahead = segment_ids[..., shift:]
-    same = segment_ids[..., : max(length - shift, 0)] == ahead
-    for i in range(1, shift + 1):  # every position in between, too
-        same = same & (segment_ids[..., i : i + ahead.shape[-1]] == ahead)
-    pad = [(0, 0)] * (segment_ids.ndim - 1) + [(0, min(shift, length))]
-    return jnp.pad(same, pad, constant_values=False)
+    # Length-preserving (rotations, a mask of positions), so that a symbolic
+    # length (jax.export) is never compared with the shift.
+    axis = segment_ids.ndim - 1
+    position = jax.lax.broadcasted_iota(jnp.int32, segment_ids.shape, axis)
+    same = position + shift < segment_ids.shape[-1]
+    for i in range(1, shift + 1):  # the target and every position in between
+        ahead = jnp.concatenate([segment_ids[..., i:], segment_ids[..., :i]], axis)
+        same = same & (ahead == segment_ids)
+    return same
 
 
 def segments(segment_ids: jax.Array | None, shape: tuple) -> Segments:

@@ -272,7 +272,8 @@ def linear_cross_entropy(
         reduction_axis_name=reduction_axis_name,
         shift=shift,
     )
-    if return_lse and return_aux:
+    return_lse = _options.static_bool(return_lse, "return_lse")
+    if return_lse and opts.aux:
         raise ValueError("pass return_lse or return_aux, not both (aux.lse is lse).")
     impl_name = _registry.canonical("linear", implementation)
     block_size = _options.block_size(block_size)
@@ -297,7 +298,7 @@ def linear_cross_entropy(
     else:
         out = per_example(*args, opts)
     loss = _reduce(out, labels, class_weights, opts, normalizer, segment_ids)
-    if return_aux:
+    if opts.aux:
         return loss, make_aux(out, labels.scored, labels.ids, labels.ids.shape)
     return (loss, out.lse) if return_lse else loss
 
