@@ -5,6 +5,7 @@ the issue's reproducer.
 1. with ``shift=k`` the out-of-range error named the sliced position;
 2. ``jax.export`` with a symbolic sequence length failed for ``shift >= 2``
    with ``segment_ids``;
+4. ``sigmoid_focal_loss``'s gradient w.r.t. hard 0/1 labels was NaN;
 6. int64 ``segment_ids`` beyond int32 wrapped silently with x64 off;
 7. ``return_lse`` was not validated (``"False"`` returned the pair), and
    ``np.bool_`` was refused by ``return_aux``.
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from core_helpers import float64
 
 import xent_jax as xj
 
@@ -95,6 +97,43 @@ def test_item6_int64_segment_ids_beyond_int32_raise_without_x64(loss):
     want = LOSSES[loss](labels, segment_ids=np.array([[0, 0, 1, 1]]), **opts)
     fits = np.array([[0, 0, 2**31 - 1, 2**31 - 1]], np.int64)
     np.testing.assert_allclose(LOSSES[loss](labels, segment_ids=fits, **opts), want)
+
+
+def _plain_focal(x, y, gamma):
+    """The focal loss as written, in float64 (the BCE in its stable form):
+    finite at hard labels."""
+    q = y * jax.nn.sigmoid(-x) + (1 - y) * jax.nn.sigmoid(x)
+    bce = y * jax.nn.softplus(-x) + (1 - y) * jax.nn.softplus(x)
+    return bce * q**gamma
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_item4_focal_gradient_at_hard_labels_is_finite(gamma):
+    """Before: NaN for every gamma (log(y) and log1p(-y) differentiated at 0
+    and 1). Now the float64 derivative of the formula, w.r.t. labels and
+    logits, at extreme logits too; at gamma=0 the BCE's -x, as optax gives."""
+    with float64():
+        x = jnp.array([-200.0, -30.0, -2.0, 0.0, 1.5, 30.0, 200.0])
+        for hard in (0.0, 1.0):
+            y = jnp.full_like(x, hard)
+            for arg in (0, 1):
+
+                def total(x, y, f):
+                    return jnp.sum(f(x, y))
+
+                ours = jax.grad(total, arg)(
+                    x, y, lambda x, y: xj.sigmoid_focal_loss(x, y, gamma=gamma)
+                )
+                want = jax.grad(total, arg)(
+                    x, y, lambda x, y: _plain_focal(x, y, gamma)
+                )
+                assert np.isfinite(ours).all(), (hard, arg, ours)
+                np.testing.assert_allclose(ours, want, rtol=1e-8, atol=1e-12)
+            if gamma == 0.0:
+                got = jax.grad(lambda y: xj.sigmoid_focal_loss(x, y, gamma=0.0).sum())(
+                    y
+                )
+                np.testing.assert_array_equal(got, -x)
 
 
 BOOLEAN_OPTIONS = {

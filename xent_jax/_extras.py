@@ -168,14 +168,34 @@ def sigmoid_focal_loss(
     ce = sigmoid_binary_cross_entropy(logits, labels)
     xf = logits.astype(ce.dtype)
     y = labels.astype(ce.dtype)
-    log_one_minus_pt = jnp.logaddexp(
-        jnp.log1p(-y) + jax.nn.log_sigmoid(xf), jnp.log(y) + jax.nn.log_sigmoid(-xf)
-    )
-    loss = ce * jnp.exp(gamma * log_one_minus_pt)
+    loss = ce * jnp.exp(gamma * _log_one_minus_pt(xf, y))
     if alpha is None:
         return loss
     alpha = _checks.as_array(alpha, "alpha")
     return (alpha * y + (1 - alpha) * (1 - y)) * loss
+
+
+@jax.custom_jvp
+def _log_one_minus_pt(x, y):
+    """``log(1 - p_t) = log(y σ(-x) + (1 - y) σ(x))`` from log-sigmoids, so
+    that extreme logits keep finite values and gradients. The derivatives
+    are written out: autodiff of ``log1p(-y)`` and ``log(y)`` gave NaN at the
+    hard labels 0 and 1 (0 x inf; issue 28, item 4), where they are finite."""
+    return jnp.logaddexp(
+        jnp.log1p(-y) + jax.nn.log_sigmoid(x), jnp.log(y) + jax.nn.log_sigmoid(-x)
+    )
+
+
+@_log_one_minus_pt.defjvp
+def _log_one_minus_pt_jvp(primals, tangents):
+    x, y = primals
+    dx, dy = tangents
+    out = _log_one_minus_pt(x, y)
+    pos, neg = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)
+    # d/dx = σ(x) σ(-x) (1 - 2y) / q and d/dy = (σ(-x) - σ(x)) / q, q = 1 - p_t
+    d_x = jnp.exp(pos + neg - out) * (1 - 2 * y)
+    d_y = jnp.exp(neg - out) - jnp.exp(pos - out)
+    return out, d_x * dx + d_y * dy
 
 
 def kl_divergence(
