@@ -6,6 +6,7 @@ the issue's reproducer.
 2. ``jax.export`` with a symbolic sequence length failed for ``shift >= 2``
    with ``segment_ids``;
 4. ``sigmoid_focal_loss``'s gradient w.r.t. hard 0/1 labels was NaN;
+5. temperatures the compute dtype cannot hold gave NaN on every row;
 6. int64 ``segment_ids`` beyond int32 wrapped silently with x64 off;
 7. ``return_lse`` was not validated (``"False"`` returned the pair), and
    ``np.bool_`` was refused by ``return_aux``.
@@ -134,6 +135,51 @@ def test_item4_focal_gradient_at_hard_labels_is_finite(gamma):
                     y
                 )
                 np.testing.assert_array_equal(got, -x)
+
+
+F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _tempered_losses(loss, temperature, labels):
+    """Row 0 plain, row 1 with a masked (-inf) class."""
+    x = np.array([[1.0, 3.0, 2.0], [0.5, -1.0, -np.inf]], np.float32)
+    if loss == "core":
+        return ICE(jnp.asarray(x), labels, temperature=temperature)
+    bias = jnp.asarray(np.where(np.isinf(x), -np.inf, 0.0), jnp.float32)
+    w = np.where(np.isinf(x), 0.0, x)  # D = 1: the logits are w's row
+    outs = [
+        LCE(
+            jnp.ones((1, 1)),
+            jnp.asarray(w[i : i + 1]),
+            labels[i : i + 1],
+            bias=bias[i],
+            temperature=temperature,
+            reduction="none",
+        )
+        for i in range(2)
+    ]
+    return jnp.concatenate(outs)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_item5_temperature_outside_the_compute_dtype_raises(loss):
+    """Before: T=1e-300 and 1e-40 gave NaN on every row with float32 logits,
+    and T=1e39 (also 1e38) NaN on a row with a masked class: XLA divides by T
+    as a product with 1/T, flushed to zero. Such T raise naming temperature;
+    at both ends of the range that works the losses are exact."""
+    labels = jnp.array([1, 0])
+    for bad in (1e-300, 1e-40, 1e38, 1e39):
+        with pytest.raises(ValueError, match=r"temperature=.* is outside"):
+            _tempered_losses(loss, bad, labels)
+    # T = tiny: the label's distance to the row's max over T (0 at the max).
+    got = _tempered_losses(loss, F32_TINY, jnp.array([1, 1]))
+    np.testing.assert_allclose(got, [0.0, 1.5 / F32_TINY], rtol=1e-6)
+    # T = 1/tiny: every kept class equally likely: log 3 and log 2.
+    got = _tempered_losses(loss, 1 / F32_TINY, labels)
+    np.testing.assert_allclose(got, [np.log(3), np.log(2)], rtol=1e-6)
+    with float64():  # float64 holds 1e-300
+        x = jnp.array([[1.0, 3.0, 2.0]])
+        np.testing.assert_array_equal(ICE(x, jnp.array([1]), temperature=1e-300), [0])
 
 
 BOOLEAN_OPTIONS = {

@@ -98,6 +98,23 @@ def static_float(
     return value
 
 
+def check_temperature(temperature: float | None, dtype) -> None:
+    """Raises unless ``temperature`` and its reciprocal are normal numbers of
+    ``dtype``, the dtype the logits are computed in: XLA may divide by a
+    constant as a product with its reciprocal and flushes subnormals to zero,
+    and outside that range the tempered logits turned to NaN (issue 28, item
+    5). Inside it, the shifted logits ``(x - max) / T`` are exact or ±inf."""
+    if temperature is None:
+        return
+    tiny = float(jnp.finfo(dtype).tiny)
+    if not tiny <= temperature <= 1.0 / tiny:
+        raise ValueError(
+            f"temperature={temperature!r} is outside [{tiny:.7g}, {1.0 / tiny:.7g}],"
+            f" where {jnp.dtype(dtype).name} (the dtype the logits are computed "
+            "in) holds it and its reciprocal as normal numbers."
+        )
+
+
 def optional(validate, value: Any, *args, **kwargs):
     return None if value is None else validate(value, *args, **kwargs)
 

@@ -180,7 +180,9 @@ def linear_cross_entropy(
       logit_softcap: Optional ``s > 0``: the logits become ``s tanh(z / s)``
         before the loss, with the chain-rule factor in the gradient.
       temperature: Optional ``T > 0`` dividing ``x @ w + bias`` before the
-        soft cap and everything else, with its chain factor.
+        soft cap and everything else, with its chain factor. ``T`` and
+        ``1 / T`` must be normal numbers of the compute dtype (``[1.18e-38,
+        8.5e37]`` for float32 and 16-bit inputs).
       reduction: ``"mean"`` (default: as the core losses: the cross-entropy
         over the sum of ``class_weights[label]`` of the scored examples, their
         count without weights, plus the z-loss over their count; 0 when there
@@ -281,6 +283,9 @@ def linear_cross_entropy(
         x, w, labels, bias, class_weights, w_layout, opts, impl_name
     )
     opts = dataclasses.replace(opts, num_classes=_num_classes(num_classes, v))
+    _options.check_temperature(
+        opts.temperature, _numerics.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
+    )
     segment_ids = _segments.validate(segment_ids, labels.shape)
     labels = _prepare_labels(labels, source_labels, opts, segment_ids)
 

@@ -110,6 +110,7 @@ def softmax_loss(
     opts = _options.softmax_options(integer=integer, **options)
     impl = _registry.lookup("softmax", implementation)
     x, labels, keep, example_keep = _canonicalize(logits, labels, axis, where, integer)
+    _options.check_temperature(opts.temperature, _numerics.compute_dtype(x.dtype))
     classes = ClassAxis(opts.axis_name)
     class_weights = _checks.optional_array(class_weights, "class_weights")
     if class_weights is not None:
@@ -167,7 +168,8 @@ def _targets(labels, source_labels, opts, segment_ids):
 _SHARED_ARGS = """
       temperature: Optional ``T > 0`` dividing the logits before everything
         else (then the soft cap, where there is one), with its chain factor
-        in the gradient.
+        in the gradient. ``T`` and ``1 / T`` must be normal numbers of the
+        compute dtype (``[1.18e-38, 8.5e37]`` for float32 and 16-bit logits).
       reduction: ``"none"`` (per-example losses, the default, as optax),
         ``"sum"``, ``"mean"`` or ``"mean_per_segment"``. ``"mean"``: the
         cross-entropy summed over the scored examples divided by the sum of
