@@ -207,7 +207,8 @@ def linear_cross_entropy(
         backward pass a block whose probabilities are all below it skips its
         matmuls (Cut-Cross-Entropy's gradient filtering; the label term stays
         exact). The error in each logit's gradient is below ``threshold *
-        (sum(t) + 2 z_loss lse)``. No effect with label smoothing.
+        (sum(t) + 2 z_loss lse)``. No effect with label smoothing, nor when
+        ``aux.entropy`` is differentiated (its gradient has no such bound).
       num_classes: The number of real classes when ``w``'s vocabulary is
         padded (to a multiple of 128, or of the devices): columns with global
         id ``>= num_classes`` get no probability, no smoothing mass and no

@@ -87,7 +87,13 @@ def gradients(saved: Saved, cotangents, needs: Needs, opts, layout, vocab_loop=N
     which the Pallas kernels replace."""
     cdt = fwd.compute_dtype(saved.x, saved.w)
     coefs = coefficients(saved, cotangents, opts, layout, cdt)
-    filtering = opts.filter_threshold is not None and not opts.label_smoothing
+    # A differentiated entropy turns the filter off: its gradient, p (log p +
+    # H), is not bounded by p, and a skipped block dropped it (issue 28, item 3).
+    filtering = (
+        opts.filter_threshold is not None
+        and not opts.label_smoothing
+        and coefs.entropy is None
+    )
     loop = _vocab_loop if vocab_loop is None else vocab_loop
     dx, dw, db, dcw = loop(saved, coefs, needs, filtering, opts, layout, cdt)
     label_after = filtering and vocab_loop is not None
