@@ -11,7 +11,8 @@ the issue's reproducer.
 5. temperatures the compute dtype cannot hold gave NaN on every row;
 6. int64 ``segment_ids`` beyond int32 wrapped silently with x64 off;
 7. ``return_lse`` was not validated (``"False"`` returned the pair), and
-   ``np.bool_`` was refused by ``return_aux``.
+   ``np.bool_`` was refused by ``return_aux``;
+9. ``linear_cross_entropy`` had no ``where`` (Levanter's ``loss_mask``).
 """
 
 from __future__ import annotations
@@ -245,3 +246,32 @@ def test_item7_boolean_options_validated_alike(option):
         for given, pair in ((np.bool_(True), True), (np.bool_(False), False)):
             out = loss(labels, **{option: given})
             assert isinstance(out, tuple) == pair
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_item9_linear_cross_entropy_takes_a_per_example_where(reduction, shift):
+    """The fused loss's ``where`` is the core loss's per-example one: the same
+    values and gradients (x and w) on the materialised logits, with shift."""
+    r = np.random.default_rng(4)
+    h = jnp.asarray(r.normal(size=(2, 6, 5)), "f4")
+    w = jnp.asarray(r.normal(size=(5, 7)), "f4")
+    y = jnp.asarray(r.integers(0, 7, (2, 6)), jnp.int32)
+    mask = jnp.asarray(r.random((2, 6)) < 0.6)
+    opts = dict(where=mask, reduction=reduction, shift=shift)
+
+    def fused(h, w):
+        return jnp.sum(LCE(h, w, y, **opts))
+
+    def core(h, w):
+        return jnp.sum(ICE(h @ w, y, **opts))
+
+    np.testing.assert_allclose(fused(h, w), core(h, w), rtol=1e-5)
+    grads = jax.grad(fused, (0, 1))(h, w), jax.grad(core, (0, 1))(h, w)
+    for g, e in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    assert not np.any(jax.grad(fused)(h, w)[~np.asarray(mask)])  # masked rows: 0
+    with pytest.raises(ValueError, match=r"where must have shape \(2, 6\)"):
+        LCE(h, w, y, where=jnp.ones((2, 6, 7), bool))
+    with pytest.raises(TypeError, match="where must be a boolean mask"):
+        LCE(h, w, y, where=mask.astype(jnp.int32))

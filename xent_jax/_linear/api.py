@@ -131,6 +131,7 @@ def linear_cross_entropy(
     w_layout: Literal["dv", "vd"] = "dv",
     shift: int = 0,
     segment_ids: ArrayLike | None = None,
+    where: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, Aux]:
     r"""Cross-entropy of ``x @ w + bias`` without materialising the logits.
 
@@ -240,6 +241,13 @@ def linear_cross_entropy(
         never copied.
       segment_ids: Optional integer ids with the labels' shape marking packed
         sequences (see :func:`xent_jax.softmax_cross_entropy_with_integer_labels`).
+      where: Optional boolean mask with the labels' shape: the positions
+        (rows of ``x``) to score, as the core loss's per-example ``where``
+        (Levanter's ``loss_mask``); with ``shift``, position ``t`` is scored
+        against label ``t + shift`` where ``where[t]`` holds. Masked positions
+        get no loss, no gradient and leave the means' denominators. A
+        per-class mask would need the ``[..., V]`` logits: mask classes with
+        ``bias=-inf`` or ``num_classes`` instead.
 
     Returns:
       The loss (a scalar for the reductions, the labels' shape for
@@ -288,7 +296,8 @@ def linear_cross_entropy(
         opts.temperature, _numerics.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
     )
     segment_ids = _segments.validate(segment_ids, labels.shape)
-    labels = _prepare_labels(labels, source_labels, opts, segment_ids)
+    where = _example_mask(where, labels.shape)
+    labels = _prepare_labels(labels, source_labels, opts, segment_ids, where)
 
     per_example = functools.partial(
         _per_example,
@@ -309,11 +318,28 @@ def linear_cross_entropy(
     return (loss, out.lse) if return_lse else loss
 
 
-def _prepare_labels(labels, source_labels, opts, segment_ids) -> Labels:
-    """Labels classified (and shifted); segment padding is never scored."""
+def _example_mask(where, shape) -> jax.Array | None:
+    """``where`` checked: a boolean mask of the labels' ``shape``."""
+    if where is None:
+        return None
+    where = _checks.as_array(where, "where")
+    _checks.check_bool(where, "where")
+    hint = (
+        " (per example; a per-class mask would need the [..., V] logits: mask "
+        "classes with bias=-inf or num_classes)"
+    )
+    _checks.check_shape(where, shape, "where", hint)
+    return where
+
+
+def _prepare_labels(labels, source_labels, opts, segment_ids, where=None) -> Labels:
+    """Labels classified (and shifted); segment padding and the positions
+    ``where`` leaves out are never scored."""
     labels = _labels.prepare(
         labels, opts.num_classes, opts.ignore_index, opts.shift, source_labels
     )
+    if where is not None:
+        labels = _labels.restricted(labels, where)
     if segment_ids is None:
         return labels
     keep = ~_segments.padding(segment_ids, opts.ignore_index)
