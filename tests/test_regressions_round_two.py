@@ -12,7 +12,9 @@ the issue's reproducer.
 6. int64 ``segment_ids`` beyond int32 wrapped silently with x64 off;
 7. ``return_lse`` was not validated (``"False"`` returned the pair), and
    ``np.bool_`` was refused by ``return_aux``;
-9. ``linear_cross_entropy`` had no ``where`` (Levanter's ``loss_mask``).
+9. ``linear_cross_entropy`` had no ``where`` (Levanter's ``loss_mask``);
+10. t5x and MaxText mark padding with segment id 0 (``segment_padding_id``),
+    and t5x's label smoothing is a KL with ``a / (V - 1)`` off-label mass.
 """
 
 from __future__ import annotations
@@ -275,3 +277,42 @@ def test_item9_linear_cross_entropy_takes_a_per_example_where(reduction, shift):
         LCE(h, w, y, where=jnp.ones((2, 6, 7), bool))
     with pytest.raises(TypeError, match="where must be a boolean mask"):
         LCE(h, w, y, where=mask.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_item10_segment_padding_id_zero_as_t5x_and_maxtext(loss):
+    """t5x and MaxText pack sequences with ids 1, 2, ... and pad with 0:
+    ``segment_padding_id=0`` gives what the same batch renumbered with a
+    negative padding id gives (before, the padding scored as a segment)."""
+    labels = np.array([[1, 2, 3, 0, 1, 2], [3, 3, 1, 2, 0, 1]])
+    t5x = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 0, 0]])
+    ours = np.where(t5x == 0, -1, t5x)
+    for shift in (0, 1):
+        opts = dict(reduction="mean_per_segment", shift=shift)
+        want = LOSSES[loss](labels, segment_ids=ours, **opts)
+        got = LOSSES[loss](labels, segment_ids=t5x, segment_padding_id=0, **opts)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        unpadded = LOSSES[loss](labels, segment_ids=t5x, **opts)
+        assert not np.allclose(unpadded, want)  # the trap the option removes
+    with pytest.raises(ValueError, match="segment_padding_id needs segment_ids"):
+        LOSSES[loss](labels, segment_padding_id=0)
+    with pytest.raises(ValueError, match="segment_padding_id=-1 cannot occur"):
+        LOSSES[loss](labels, segment_ids=t5x.astype(np.uint8), segment_padding_id=-1)
+    with pytest.raises(TypeError, match="segment_padding_id must be a Python int"):
+        LOSSES[loss](labels, segment_ids=t5x, segment_padding_id=0.0)
+
+
+def test_item10_t5x_label_smoothing_mapping():
+    """docs/semantics.md's mapping: t5x's loss with label smoothing a (targets
+    1 - a on the label, a / (V - 1) elsewhere, minus the targets' entropy) is
+    ours with label_smoothing = a V / (V - 1), minus that constant."""
+    r = np.random.default_rng(5)
+    v, a = 7, 0.1
+    x = jnp.asarray(r.normal(size=(4, v)), "f4")
+    y = jnp.asarray(r.integers(0, v, 4), jnp.int32)
+    on, off = 1 - a, a / (v - 1)
+    targets = jax.nn.one_hot(y, v) * (on - off) + off
+    constant = -(on * np.log(on) + (v - 1) * off * np.log(off))
+    t5x = -jnp.sum(targets * jax.nn.log_softmax(x), axis=-1) - constant
+    ours = ICE(x, y, label_smoothing=a * v / (v - 1)) - constant
+    np.testing.assert_allclose(ours, t5x, rtol=1e-5, atol=1e-6)

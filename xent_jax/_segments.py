@@ -28,8 +28,12 @@ class Segments(NamedTuple):
     size: Any  # an upper bound on the number of segments (the positions)
 
 
-def validate(segment_ids: Any, shape: tuple) -> jax.Array | None:
+def validate(
+    segment_ids: Any, shape: tuple, padding_id: Any = None
+) -> jax.Array | None:
     if segment_ids is None:
+        if padding_id is not None:
+            raise ValueError("segment_padding_id needs segment_ids.")
         return None
     given = segment_ids
     segment_ids = _checks.as_array(segment_ids, "segment_ids")
@@ -59,8 +63,11 @@ def _check_held(given: Any, dtype) -> None:
         )
 
 
-def padding(segment_ids: jax.Array, ignore_index: int | None) -> jax.Array:
-    """Where ``segment_ids`` marks padding (a negative id or ``ignore_index``)."""
+def padding(
+    segment_ids: jax.Array, ignore_index: int | None, padding_id: int | None = None
+) -> jax.Array:
+    """Where ``segment_ids`` marks padding: a negative id, ``ignore_index``, or
+    ``padding_id`` (``segment_padding_id``: 0 for t5x's and MaxText's)."""
     pad = (
         segment_ids < 0
         if jnp.issubdtype(segment_ids.dtype, jnp.signedinteger)
@@ -69,6 +76,13 @@ def padding(segment_ids: jax.Array, ignore_index: int | None) -> jax.Array:
     info = np.iinfo(segment_ids.dtype)
     if ignore_index is not None and info.min <= ignore_index <= info.max:
         pad = pad | (segment_ids == jnp.asarray(ignore_index, segment_ids.dtype))
+    if padding_id is not None:
+        if not info.min <= padding_id <= info.max:
+            raise ValueError(
+                f"segment_padding_id={padding_id} cannot occur in segment_ids of "
+                f"dtype {segment_ids.dtype}."
+            )
+        pad = pad | (segment_ids == jnp.asarray(padding_id, segment_ids.dtype))
     return pad
 
 

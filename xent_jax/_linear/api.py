@@ -131,6 +131,7 @@ def linear_cross_entropy(
     w_layout: Literal["dv", "vd"] = "dv",
     shift: int = 0,
     segment_ids: ArrayLike | None = None,
+    segment_padding_id: int | None = None,
     where: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, Aux]:
     r"""Cross-entropy of ``x @ w + bias`` without materialising the logits.
@@ -241,6 +242,8 @@ def linear_cross_entropy(
         never copied.
       segment_ids: Optional integer ids with the labels' shape marking packed
         sequences (see :func:`xent_jax.softmax_cross_entropy_with_integer_labels`).
+      segment_padding_id: Optional id that also marks padding in
+        ``segment_ids`` (``0`` for t5x's and MaxText's packed batches).
       where: Optional boolean mask with the labels' shape: the positions
         (rows of ``x``) to score, as the core loss's per-example ``where``
         (Levanter's ``loss_mask``); with ``shift``, position ``t`` is scored
@@ -295,9 +298,14 @@ def linear_cross_entropy(
     _options.check_temperature(
         opts.temperature, _numerics.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
     )
-    segment_ids = _segments.validate(segment_ids, labels.shape)
+    padding_id = _options.optional(
+        _options.static_int, segment_padding_id, "segment_padding_id"
+    )
+    segment_ids = _segments.validate(segment_ids, labels.shape, padding_id)
     where = _example_mask(where, labels.shape)
-    labels = _prepare_labels(labels, source_labels, opts, segment_ids, where)
+    labels = _prepare_labels(
+        labels, source_labels, opts, segment_ids, where, padding_id
+    )
 
     per_example = functools.partial(
         _per_example,
@@ -332,7 +340,9 @@ def _example_mask(where, shape) -> jax.Array | None:
     return where
 
 
-def _prepare_labels(labels, source_labels, opts, segment_ids, where=None) -> Labels:
+def _prepare_labels(
+    labels, source_labels, opts, segment_ids, where=None, padding_id=None
+) -> Labels:
     """Labels classified (and shifted); segment padding and the positions
     ``where`` leaves out are never scored."""
     labels = _labels.prepare(
@@ -342,7 +352,7 @@ def _prepare_labels(labels, source_labels, opts, segment_ids, where=None) -> Lab
         labels = _labels.restricted(labels, where)
     if segment_ids is None:
         return labels
-    keep = ~_segments.padding(segment_ids, opts.ignore_index)
+    keep = ~_segments.padding(segment_ids, opts.ignore_index, padding_id)
     if opts.shift:
         keep = keep & _segments.same_segment_ahead(segment_ids, opts.shift)
     return _labels.restricted(labels, keep)

@@ -89,6 +89,7 @@ def softmax_loss(
     normalizer: Any = None,
     implementation: Any = None,
     segment_ids: ArrayLike | None = None,
+    segment_padding_id: Any = None,
     per_example: Callable[[jax.Array, Inputs], jax.Array] | None = None,
     **options: Any,
 ):
@@ -120,8 +121,11 @@ def softmax_loss(
         )
     opts = dataclasses.replace(opts, num_classes=x.shape[-1] * classes.num_shards())
     batch_shape = x.shape[:-1]
-    segment_ids = _segments.validate(segment_ids, batch_shape)
-    labels, scored, bad = _targets(labels, source_labels, opts, segment_ids)
+    padding_id = _options.optional(
+        _options.static_int, segment_padding_id, "segment_padding_id"
+    )
+    segment_ids = _segments.validate(segment_ids, batch_shape, padding_id)
+    labels, scored, bad = _targets(labels, source_labels, opts, segment_ids, padding_id)
     if example_keep is not None:
         scored = scored & example_keep
     if keep is not None:
@@ -145,7 +149,7 @@ def softmax_loss(
     return loss, make_aux(out, scored, target, batch_shape)
 
 
-def _targets(labels, source_labels, opts, segment_ids):
+def _targets(labels, source_labels, opts, segment_ids, padding_id=None):
     """``(labels, scored, bad)``: integer labels classified (and shifted),
     soft labels as they are; segment padding is never scored."""
     bad = None
@@ -157,7 +161,7 @@ def _targets(labels, source_labels, opts, segment_ids):
     else:
         scored = jnp.ones(labels.shape[:-1], bool)
     if segment_ids is not None:
-        scored = scored & ~_segments.padding(segment_ids, opts.ignore_index)
+        scored = scored & ~_segments.padding(segment_ids, opts.ignore_index, padding_id)
         if opts.shift:
             scored = scored & _segments.same_segment_ahead(segment_ids, opts.shift)
     if opts.integer:
@@ -218,6 +222,9 @@ _SHARED_ARGS = """
         scored. Used by ``"mean_per_segment"`` (without it every row is a
         segment) and, with ``shift``, to stop a sequence's last token from
         predicting the next sequence's first.
+      segment_padding_id: Optional id that also marks padding in
+        ``segment_ids``: ``0`` for t5x's and MaxText's packed batches (whose
+        padding is segment 0).
       return_aux: Also return :class:`xent_jax.Aux` (per-example ``lse``,
         ``argmax``, ``correct``, ``entropy``), computed in the same pass."""
 
@@ -246,6 +253,7 @@ def softmax_cross_entropy_with_integer_labels(
     reduction_axis_name: AxisName = None,
     shift: int = 0,
     segment_ids: ArrayLike | None = None,
+    segment_padding_id: int | None = None,
     return_aux: bool = False,
 ) -> jax.Array | tuple[jax.Array, Aux]:
     return softmax_loss(
@@ -266,6 +274,7 @@ def softmax_cross_entropy_with_integer_labels(
         reduction_axis_name=reduction_axis_name,
         shift=shift,
         segment_ids=segment_ids,
+        segment_padding_id=segment_padding_id,
         return_aux=return_aux,
     )
 
@@ -353,6 +362,7 @@ def softmax_cross_entropy(
     axis_name: AxisName = None,
     reduction_axis_name: AxisName = None,
     segment_ids: ArrayLike | None = None,
+    segment_padding_id: int | None = None,
     return_aux: bool = False,
 ) -> jax.Array | tuple[jax.Array, Aux]:
     return softmax_loss(
@@ -371,6 +381,7 @@ def softmax_cross_entropy(
         axis_name=axis_name,
         reduction_axis_name=reduction_axis_name,
         segment_ids=segment_ids,
+        segment_padding_id=segment_padding_id,
         return_aux=return_aux,
     )
 
