@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from xent_jax import _numerics, _registry, _sharding, _stats
 from xent_jax._labels import Labels
 from xent_jax._linear import forward as fwd
+from xent_jax._linear import layout as lay
 from xent_jax._linear import pallas_common as common
 from xent_jax._linear import tiles, xla
 from xent_jax._linear.layout import Layout
@@ -72,6 +73,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _round_up(size: int, tile: int) -> int:
+    """``size`` padded to whole tiles."""
+    return _cdiv(size, tile) * tile
+
+
 def _per_split(spec: common.Spec) -> int:
     """Vocabulary tiles per forward program."""
     return _cdiv(_cdiv(spec.v, spec.tv), spec.splits)
@@ -86,7 +92,7 @@ def _row_statistics(x, w, bias, labels, class_weights, opts, layout):
     """``forward.row_statistics`` by the forward kernel."""
     spec = _spec(x, w, opts, layout)
     cols = common.column_fields(w, bias, class_weights, opts, layout, spec.cdt)
-    n_pad = _cdiv(spec.n, spec.tn) * spec.tn
+    n_pad = _round_up(spec.n, spec.tn)
     v_pad = spec.splits * _per_split(spec) * spec.tv
     cols_pad = {k: _padded(a, cols=v_pad) for k, a in cols.items()}
     rows = {"label": _padded(common.local_labels(labels, spec.v, opts), n_pad)}
@@ -148,8 +154,7 @@ def _vocab_loop(saved, coefs, needs, filtering, opts, layout, cdt):
     (see ``DX_INLINE_BYTES``)."""
     threshold = opts.filter_threshold if filtering else None
     spec = _spec(saved.x, saved.w, opts, layout, threshold)
-    n_pad = _cdiv(spec.n, spec.tn) * spec.tn
-    v_pad = _cdiv(spec.v, spec.tv) * spec.tv
+    n_pad, v_pad = _round_up(spec.n, spec.tn), _round_up(spec.v, spec.tv)
     cols = common.column_fields(
         saved.w, saved.bias, saved.class_weights, opts, layout, cdt
     )
@@ -186,55 +191,37 @@ def _launch(args, spec, zeros: dict, begin, tiles):
     return common.on_platform("cuda", call, *args)
 
 
-def _d_pad(spec) -> int:
-    return _cdiv(spec.d, spec.td) * spec.td
-
-
 def _span(limit: int, tile: int, row_bytes: int) -> int:
     """The most whole tiles (at least one, at most ``limit`` rounded up) whose
-    float32 accumulator of ``row_bytes`` per index fits ``DW_SPAN_BYTES``."""
+    float32 accumulator of ``row_bytes`` per index fits ``DW_SPAN_BYTES``.
+    The spans are walked by ``layout.for_blocks``: a loop over the whole ones
+    (one kernel: the first row or column is data), then the rest."""
     fit = DW_SPAN_BYTES // row_bytes // tile * tile
-    return min(max(tile, fit), _cdiv(limit, tile) * tile)
-
-
-def _spans(total: int, span: int, tile: int, launch, carry):
-    """``carry = launch(begin, padded, size, carry)`` over ``[0, total)`` in
-    spans of ``span``: a loop over the whole spans (one kernel), then the
-    rest padded to whole ``tile``s."""
-    whole, rest = divmod(total, span)
-
-    def body(s, carry):
-        return launch(s * span, span, span, carry)
-
-    if whole:
-        carry = jax.lax.fori_loop(jnp.int32(0), jnp.int32(whole), body, carry)
-    if rest:
-        carry = launch(whole * span, _cdiv(rest, tile) * tile, rest, carry)
-    return carry
+    return min(max(tile, fit), _round_up(limit, tile))
 
 
 def _dx_by_tokens(saved, x_varying, spec, filtering) -> bool:
     """Whether dx gets a pass of its own (rounded span by span): its float32
     accumulator is over ``DX_INLINE_BYTES`` and no float32 term follows (the
     filter's label term, a sum over devices)."""
-    acc = _cdiv(spec.n, spec.tn) * spec.tn * _d_pad(spec) * 4
+    acc = _round_up(spec.n, spec.tn) * _round_up(spec.d, spec.td) * 4
     rounded_now = not filtering and not _sharding.extra_varying(x_varying, saved.x)
     return spec.cdt != saved.x.dtype and acc > DX_INLINE_BYTES and rounded_now
 
 
 def _token_pass(args, spec, dtype):
     """dx in ``dtype``, token span by token span (each over all classes)."""
-    d_pad, v_tiles = _d_pad(spec), _cdiv(spec.v, spec.tv)
-    span = _span(spec.n, spec.tn, d_pad * 4)
+    d_pad, v_tiles = _round_up(spec.d, spec.td), _cdiv(spec.v, spec.tv)
 
-    def launch(begin, padded, size, dx):
+    def launch(begin, size, dx):
+        padded = _round_up(size, spec.tn)
         acc = jnp.zeros((padded, d_pad), spec.cdt)
         acc = _launch(args, spec, {"dx": acc}, (begin, 0), (padded // spec.tn, v_tiles))
         part = acc["dx"][:size, : spec.d].astype(dtype)
         return jax.lax.dynamic_update_slice(dx, part, (begin, 0))
 
     dx = _sharding.varying_like(jnp.zeros((spec.n, spec.d), dtype), args)
-    return _spans(spec.n, span, spec.tn, launch, dx)
+    return lay.for_blocks(spec.n, _span(spec.n, spec.tn, d_pad * 4), launch, dx)
 
 
 def _vocab_pass(args, spec, wanted, dtype):
@@ -242,15 +229,16 @@ def _vocab_pass(args, spec, wanted, dtype):
     dw span by vocabulary span in ``dtype`` (one span, the accumulator
     itself, when float32 and whole tiles)."""
     n_pad, v_pad, d_pad = (
-        _cdiv(spec.n, spec.tn) * spec.tn,
-        _cdiv(spec.v, spec.tv) * spec.tv,
-        _d_pad(spec),
+        _round_up(spec.n, spec.tn),
+        _round_up(spec.v, spec.tv),
+        _round_up(spec.d, spec.td),
     )
     shapes = {"db": (1, v_pad), "dcw": (1, v_pad), "dx": (n_pad, d_pad)}
     full = {k: jnp.zeros(s, spec.cdt) for k, s in shapes.items() if wanted[k]}
     full = _sharding.varying_like(full, args)
 
-    def launch(begin, padded, full):
+    def launch(begin, size, full):
+        padded = _round_up(size, spec.tv)
         zeros = dict(full)
         if wanted["dw"]:
             shape = (padded, d_pad) if spec.rows else (d_pad, padded)
@@ -261,12 +249,12 @@ def _vocab_pass(args, spec, wanted, dtype):
 
     exact = dtype == spec.cdt and v_pad == spec.v and d_pad == spec.d
     if not wanted["dw"] or exact:
-        dw, full = launch(0, v_pad, full)
+        dw, full = launch(0, spec.v, full)
     else:
 
-        def span_launch(begin, padded, size, carry):
+        def span_launch(begin, size, carry):
             dw, full = carry
-            acc, full = launch(begin, padded, full)
+            acc, full = launch(begin, size, full)
             part = acc[:size, : spec.d] if spec.rows else acc[: spec.d, :size]
             at = (begin, 0) if spec.rows else (0, begin)
             return jax.lax.dynamic_update_slice(dw, part.astype(dtype), at), full
@@ -274,7 +262,7 @@ def _vocab_pass(args, spec, wanted, dtype):
         shape = (spec.v, spec.d) if spec.rows else (spec.d, spec.v)
         dw = _sharding.varying_like(jnp.zeros(shape, dtype), args)
         span = _span(spec.v, spec.tv, d_pad * 4)
-        dw, full = _spans(spec.v, span, spec.tv, span_launch, (dw, full))
+        dw, full = lay.for_blocks(spec.v, span, span_launch, (dw, full))
     dx = full.get("dx")
     if dx is not None:
         dx = dx[: spec.n, : spec.d]
