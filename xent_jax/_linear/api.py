@@ -33,6 +33,7 @@ from xent_jax._aux import Aux, make_aux
 from xent_jax._classes import ClassAxis
 from xent_jax._labels import Labels
 from xent_jax._linear import explicit, layout
+from xent_jax._linear import forward as fwd
 from xent_jax._linear import pallas_tpu as _pallas_tpu  # noqa: F401 (registers)
 from xent_jax._linear import pallas_triton as _pallas_triton  # noqa: F401
 from xent_jax._linear import reference as _reference  # noqa: F401 (registers)
@@ -295,9 +296,7 @@ def linear_cross_entropy(
         x, w, labels, bias, class_weights, w_layout, opts, impl_name
     )
     opts = dataclasses.replace(opts, num_classes=_num_classes(num_classes, v))
-    _options.check_temperature(
-        opts.temperature, _numerics.compute_dtype(jnp.promote_types(x.dtype, w.dtype))
-    )
+    _options.check_temperature(opts.temperature, fwd.compute_dtype(x, w))
     padding_id = _options.optional(
         _options.static_int, segment_padding_id, "segment_padding_id"
     )
