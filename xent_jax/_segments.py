@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xent_jax import _checks
+from xent_jax import _checks, _options
 
 
 class Segments(NamedTuple):
@@ -30,17 +30,28 @@ class Segments(NamedTuple):
 
 def validate(
     segment_ids: Any, shape: tuple, padding_id: Any = None
-) -> jax.Array | None:
+) -> tuple[jax.Array | None, int | None]:
+    """``(segment_ids, segment_padding_id)`` checked: integer ids of the
+    labels' ``shape`` (concrete ones representable in the dtype JAX holds
+    them in), and a static padding id that dtype can hold."""
+    name = "segment_padding_id"
+    padding_id = _options.optional(_options.static_int, padding_id, name)
     if segment_ids is None:
         if padding_id is not None:
             raise ValueError("segment_padding_id needs segment_ids.")
-        return None
+        return None, None
     given = segment_ids
     segment_ids = _checks.as_array(segment_ids, "segment_ids")
     _checks.check_integer(segment_ids, "segment_ids")
     _check_held(given, segment_ids.dtype)
     _checks.check_shape(segment_ids, shape, "segment_ids", " (the labels' shape)")
-    return segment_ids
+    info = np.iinfo(segment_ids.dtype)
+    if padding_id is not None and not info.min <= padding_id <= info.max:
+        raise ValueError(
+            f"segment_padding_id={padding_id} cannot occur in segment_ids of "
+            f"dtype {segment_ids.dtype}."
+        )
+    return segment_ids, padding_id
 
 
 def _check_held(given: Any, dtype) -> None:
@@ -76,14 +87,20 @@ def padding(
     info = np.iinfo(segment_ids.dtype)
     if ignore_index is not None and info.min <= ignore_index <= info.max:
         pad = pad | (segment_ids == jnp.asarray(ignore_index, segment_ids.dtype))
-    if padding_id is not None:
-        if not info.min <= padding_id <= info.max:
-            raise ValueError(
-                f"segment_padding_id={padding_id} cannot occur in segment_ids of "
-                f"dtype {segment_ids.dtype}."
-            )
+    if padding_id is not None:  # (validate: the dtype holds it)
         pad = pad | (segment_ids == jnp.asarray(padding_id, segment_ids.dtype))
     return pad
+
+
+def kept(
+    segment_ids: jax.Array, ignore_index: int | None, shift: int, padding_id=None
+) -> jax.Array:
+    """Where the segments let a position be scored: not padding, and with
+    ``shift`` its target in its own segment."""
+    keep = ~padding(segment_ids, ignore_index, padding_id)
+    if shift:
+        keep = keep & same_segment_ahead(segment_ids, shift)
+    return keep
 
 
 def same_segment_ahead(segment_ids: jax.Array, shift: int) -> jax.Array:

@@ -297,10 +297,9 @@ def linear_cross_entropy(
     )
     opts = dataclasses.replace(opts, num_classes=_num_classes(num_classes, v))
     _options.check_temperature(opts.temperature, fwd.compute_dtype(x, w))
-    padding_id = _options.optional(
-        _options.static_int, segment_padding_id, "segment_padding_id"
+    segment_ids, padding_id = _segments.validate(
+        segment_ids, labels.shape, segment_padding_id
     )
-    segment_ids = _segments.validate(segment_ids, labels.shape, padding_id)
     where = _example_mask(where, labels.shape)
     labels = _prepare_labels(
         labels, source_labels, opts, segment_ids, where, padding_id
@@ -351,9 +350,7 @@ def _prepare_labels(
         labels = _labels.restricted(labels, where)
     if segment_ids is None:
         return labels
-    keep = ~_segments.padding(segment_ids, opts.ignore_index, padding_id)
-    if opts.shift:
-        keep = keep & _segments.same_segment_ahead(segment_ids, opts.shift)
+    keep = _segments.kept(segment_ids, opts.ignore_index, opts.shift, padding_id)
     return _labels.restricted(labels, keep)
 
 

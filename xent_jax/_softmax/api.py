@@ -121,10 +121,9 @@ def softmax_loss(
         )
     opts = dataclasses.replace(opts, num_classes=x.shape[-1] * classes.num_shards())
     batch_shape = x.shape[:-1]
-    padding_id = _options.optional(
-        _options.static_int, segment_padding_id, "segment_padding_id"
+    segment_ids, padding_id = _segments.validate(
+        segment_ids, batch_shape, segment_padding_id
     )
-    segment_ids = _segments.validate(segment_ids, batch_shape, padding_id)
     labels, scored, bad = _targets(labels, source_labels, opts, segment_ids, padding_id)
     if example_keep is not None:
         scored = scored & example_keep
@@ -161,9 +160,8 @@ def _targets(labels, source_labels, opts, segment_ids, padding_id=None):
     else:
         scored = jnp.ones(labels.shape[:-1], bool)
     if segment_ids is not None:
-        scored = scored & ~_segments.padding(segment_ids, opts.ignore_index, padding_id)
-        if opts.shift:
-            scored = scored & _segments.same_segment_ahead(segment_ids, opts.shift)
+        keep = _segments.kept(segment_ids, opts.ignore_index, opts.shift, padding_id)
+        scored = scored & keep
     if opts.integer:
         labels = labels._replace(scored=scored)
     return labels, scored, bad
