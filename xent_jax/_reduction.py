@@ -177,3 +177,29 @@ def reduce_softmax(
         )
     normalizers = _options.normalizer(normalizer, len(parts))
     return reduce_loss(parts, opts.reduction, normalizers, opts.reduction_axis_name)
+
+
+def cotangent_hint(
+    scored: jax.Array,
+    label_weight: jax.Array | None,
+    opts: Any,
+    dtype: Any,
+    normalizer: Any = None,
+    segments: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The cotangents ``reduce_softmax`` sends to each example's cross-entropy
+    and, per unit of ``lse``, to its log-sum-exp when the loss's cotangent is
+    1 (ones per example for ``"none"``).
+
+    Taken from ``reduce_softmax``'s own transpose, so that a kernel folding
+    them into its residual multiplies by exactly what the backward pass later
+    brings. The z-loss's cotangent ``2 z lse w`` is linear in ``lse``: it is
+    read at ``lse = 1``. Constants of the forward pass (no gradient).
+    """
+    zeros = jnp.zeros(scored.shape, dtype)
+
+    def reduced(ce, lse):
+        return reduce_softmax(ce, lse, scored, label_weight, opts, normalizer, segments)
+
+    loss, transpose = jax.vjp(reduced, zeros, jnp.ones_like(zeros))
+    return jax.lax.stop_gradient(transpose(jnp.ones_like(loss)))

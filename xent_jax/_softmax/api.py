@@ -29,10 +29,10 @@ from xent_jax import (
 from xent_jax._aux import Aux, make_aux
 from xent_jax._classes import ClassAxis
 from xent_jax._options import SoftmaxReduction
-from xent_jax._reduction import reduce_softmax
+from xent_jax._reduction import cotangent_hint, reduce_softmax
 from xent_jax._softmax import reference as _reference  # noqa: F401 (registers)
 from xent_jax._softmax import xla as _xla  # noqa: F401 (registers)
-from xent_jax._softmax.targets import Inputs, label_weights
+from xent_jax._softmax.targets import CotangentHint, Inputs, label_weights
 
 Implementation = Literal["xla", "custom_vjp", "reference"]
 AxisName = Any  # a shard_map axis name, or a tuple of them
@@ -130,10 +130,6 @@ def softmax_loss(
     if keep is not None:
         scored = scored & (classes.row_sum(keep.astype(jnp.int32)) > 0)
     inputs = Inputs(x, labels, keep, class_weights, scored)
-    out = impl(inputs, opts)
-    ce = _stats.finalize(out.ce, scored, bad)
-    if per_example is not None:
-        ce = per_example(ce, inputs)
     label_weight = None
     if integer and class_weights is not None:
         cdt = _numerics.compute_dtype(class_weights.dtype)
@@ -141,6 +137,16 @@ def softmax_loss(
     segs = None
     if opts.reduction == "mean_per_segment":
         segs = _segments.segments(segment_ids, batch_shape)
+    if per_example is None:
+        # What the reduction will send back, for the kernel to fold into its
+        # residual (a per-example transform changes it: no hint then).
+        cdt = _numerics.compute_dtype(x.dtype)
+        hint = cotangent_hint(scored, label_weight, opts, cdt, normalizer, segs)
+        inputs = inputs._replace(hint=CotangentHint(*hint))
+    out = impl(inputs, opts)
+    ce = _stats.finalize(out.ce, scored, bad)
+    if per_example is not None:
+        ce = per_example(ce, inputs)
     loss = reduce_softmax(ce, out.lse, scored, label_weight, opts, normalizer, segs)
     if not opts.aux:
         return loss

@@ -20,6 +20,17 @@ from xent_jax._labels import Labels
 from xent_jax._options import SoftmaxOptions
 
 
+class CotangentHint(NamedTuple):
+    """The per-example cotangents a loss's reduction sends to the kernel's
+    outputs when the loss's own cotangent is 1: to the cross-entropy, and to
+    the log-sum-exp per unit of it (the z-loss's ``2 z lse`` is linear in it).
+    A kernel may fold them into what it saves, so that the common gradient is
+    rounded once (see ``_softmax.xla``)."""
+
+    ce: jax.Array  # [...]
+    lse_per_unit: jax.Array  # [...]
+
+
 class Inputs(NamedTuple):
     """A softmax kernel's canonical inputs: classes last, labels classified."""
 
@@ -28,6 +39,8 @@ class Inputs(NamedTuple):
     keep: jax.Array | None  # per-class bool mask [..., C_local] or None
     class_weights: jax.Array | None  # [C_local]
     scored: jax.Array  # bool [...]
+    # The cotangents the reduction will send (see ``_reduction.cotangent_hint``).
+    hint: CotangentHint | None = None
 
 
 def masked_logits(inputs: Inputs, dtype) -> jax.Array:

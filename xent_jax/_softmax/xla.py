@@ -13,8 +13,11 @@ softmax, the gradient is
 
 On a CPU the exponentials dominate: a backward pass that recomputes the
 softmax measured 1.9x optax, so the forward pass computes them once and saves
-the softmax (in the logits' dtype) as the one logits-sized residual; the
-backward recomputes ``t`` elementwise from the labels. A data dependency
+one logits-sized residual, the gradient itself: ``(a p - b t) / T`` with the
+cotangents the loss's reduction will send (``Inputs.hint``), computed in
+float32 and rounded once to the logits' dtype. When the backward pass brings
+those cotangents the gradient is that array, correctly rounded in 16 bits;
+other cotangents are applied to it (``_from_expected``). A data dependency
 (``_after``) makes XLA finish every other read of the logits before the
 exponentials, which it can then write over the logits' buffer.
 
@@ -23,7 +26,8 @@ kept for the backward pass only when the class weights or soft labels are
 differentiated, or for ``return_aux`` with 16-bit logits: the entropy's
 gradient cancels where the softmax is flat and needs ``log p`` in float32.
 Where 16-bit logits are kept, the whole gradient uses the float32 softmax
-recomputed from them, since its parts can cancel each other too.
+recomputed from them, since its parts can cancel each other too; float32
+logits keep their softmax for the entropy's gradient instead.
 """
 
 from __future__ import annotations
@@ -94,27 +98,28 @@ def _argmax(xm, row_max, classes: ClassAxis):
     return classes.argmax(value, local + classes.offset(xm.shape[-1]))
 
 
-def _softmax(xm, e, sum_e, shift, log_se, x_dtype, temperature):
-    """The softmax, saved in the logits' dtype."""
+def _softmax(xm, e, sum_e, shift, log_se, x_dtype, temperature, scale=None):
+    """The softmax in the compute dtype, times a per-example ``scale``."""
 
     def reuse(xm, e, sum_e, shift, log_se):
-        # The exponentials dominate on CPU: computed once, reused.
-        return e / jnp.where(sum_e == 0, 1, sum_e)[..., None]
+        # The exponentials dominate on CPU: computed once, reused (and one
+        # multiplication per logit, not a division).
+        inverse = 1 / jnp.where(sum_e == 0, 1, sum_e)
+        return e * (inverse if scale is None else scale * inverse)[..., None]
 
     def recompute(xm, e, sum_e, shift, log_se):
         # Where a row sum fuses its producer (not XLA CPU), the exponentials of
         # 16-bit logits would be a float32 buffer of twice their size.
         xs = _numerics.tempered(xm - shift[..., None], temperature)
-        return jnp.exp(xs - log_se[..., None])
+        p = jnp.exp(xs - log_se[..., None])
+        return p if scale is None else scale[..., None] * p
 
     operands = (xm, e, sum_e, shift, log_se)
     if jnp.dtype(x_dtype).itemsize >= 4:
-        p = reuse(*operands)
-    else:
-        # XLA CPU does not fuse the conversion into its reductions and makes
-        # a float32 copy of 16-bit logits anyway: the exponentials reuse it.
-        p = jax.lax.platform_dependent(*operands, cpu=reuse, default=recompute)
-    return p.astype(x_dtype)
+        return reuse(*operands)
+    # XLA CPU does not fuse the conversion into its reductions and makes a
+    # float32 copy of 16-bit logits anyway: the exponentials reuse it.
+    return jax.lax.platform_dependent(*operands, cpu=reuse, default=recompute)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -126,46 +131,84 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     perturbed = jax.tree.map(lambda a: a.perturbed, inputs)
     inputs = jax.tree.map(lambda a: a.value, inputs)
     out, (xm, e, sum_e, shift, log_se, sum_t) = _statistics(inputs, opts)
-    p = _softmax(xm, e, sum_e, shift, log_se, inputs.x.dtype, opts.temperature)
+    x_dtype = inputs.x.dtype
+    a, b = _expected_coefficients(inputs, out.lse, sum_t)
+    statistics = (xm, e, sum_e, shift, log_se, x_dtype, opts.temperature)
+    t = tg.targets(inputs, opts, xm.dtype, xm.shape)
+    # Per example, the temperature's 1 / T scales a and b, not each logit.
+    a_t, b_t = (_numerics.tempered(c, opts.temperature) for c in (a, b))
+    grad = _softmax(*statistics, scale=a_t) - b_t[..., None] * t
     # The logits are kept only for the gradients of soft labels and class
     # weights (with smoothing: the integer one-hot part needs only x_y), and
-    # for the entropy's gradient from 16-bit logits (see _entropy_part).
+    # for the entropy's gradient from 16-bit logits (see _entropy_part);
+    # float32 logits keep their softmax for it instead.
+    wide = jnp.dtype(x_dtype).itemsize >= 4
     needs_x = (
         (not opts.integer and perturbed.labels is True)
         or (
             perturbed.class_weights is True
             and (not opts.integer or opts.label_smoothing)
         )
-        or (opts.aux and jnp.dtype(inputs.x.dtype).itemsize < 4)
+        or (opts.aux and not wide)
     )
     saved = inputs if needs_x else inputs._replace(x=None)
+    saved = saved._replace(hint=None)
+    p_aux = _softmax(*statistics) if opts.aux and wide else None
     label_nll = None  # lse - x_y, for the one-hot part of the weights' gradient
     if opts.integer and perturbed.class_weights is True:
         x_y = ClassAxis(opts.axis_name).take(
             inputs.x.astype(xm.dtype), inputs.labels.ids
         )
         label_nll = log_se - _numerics.tempered(x_y - shift, opts.temperature)
-    return out, (saved, p, shift, log_se, sum_t, label_nll, out.entropy)
+    expected = (grad.astype(x_dtype), a, b)
+    return out, (saved, expected, p_aux, shift, log_se, sum_t, label_nll, out.entropy)
+
+
+def _expected_coefficients(inputs: Inputs, lse, sum_t):
+    """``(a, b)`` per example: the gradient the reduction's cotangents
+    (``inputs.hint``; 1 for the cross-entropy without one) give is
+    ``(a p - b t) / T``. Where ``a`` is 0 or not finite (examples without
+    scored mass, an infinite ``lse``) it is ``p / T``: ``a = 1, b = 0``, so
+    that ``p`` stays recoverable from the residual."""
+    scored = inputs.scored
+    if inputs.hint is None:
+        b = scored.astype(sum_t.dtype)
+        a = b * sum_t
+    else:
+        # In the order _stats.logit_coefficients combines the cotangents, so
+        # that the reduction's own give a bit for bit (a z-loss of 0 adds 0,
+        # also where lse is infinite).
+        b = jnp.where(scored, inputs.hint.ce.astype(sum_t.dtype), 0)
+        per_unit = inputs.hint.lse_per_unit.astype(sum_t.dtype)
+        lse_ct = jnp.where(scored & (per_unit != 0), per_unit * lse, 0)
+        a = b * sum_t + lse_ct
+    usable = (a != 0) & jnp.isfinite(a) & jnp.isfinite(b)
+    return jnp.where(usable, a, 1), jnp.where(usable, b, 0)
 
 
 def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
-    saved, p, shift, log_se, sum_t, label_nll, entropy = residual
-    x_dtype = p.dtype  # the softmax is saved in the logits' dtype
+    saved, expected, p_aux, shift, log_se, sum_t, label_nll, entropy = residual
+    x_dtype = expected[0].dtype  # saved in the logits' dtype
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
     coef, label_coef = _stats.logit_coefficients(g_ce, g_lse, sum_t, saved.scored)
     wants_entropy = entropy is not None and not _numerics.is_zero(cotangents.entropy)
-    pf, log_p = p.astype(dtype), None
+    t = tg.targets(saved, opts, dtype, expected[0].shape)
     if saved.x is not None and (wants_entropy or dtype != x_dtype):
         log_p = _log_softmax(saved, opts, shift, log_se)
         pf = jnp.exp(log_p)
-    d_x = _stats.softmax_part(coef, pf)
-    d_x = d_x - label_coef[..., None] * tg.targets(saved, opts, dtype, p.shape)
-    if wants_entropy:
-        g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
-        d_x = d_x - _entropy_part(g_h, pf, log_p, entropy)
-    # The chain factor of the temperature, d(x / T) / dx = 1 / T.
-    d_x = _numerics.tempered(d_x, opts.temperature).astype(x_dtype)
+    else:
+        log_p, pf = None, p_aux
+    if pf is None:
+        d_x = _from_expected(expected, coef, label_coef, t, opts.temperature)
+    else:
+        d_x = _stats.softmax_part(coef, pf) - label_coef[..., None] * t
+        if wants_entropy:
+            g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
+            d_x = d_x - _entropy_part(g_h, pf, log_p, entropy)
+        # The chain factor of the temperature, d(x / T) / dx = 1 / T.
+        d_x = _numerics.tempered(d_x, opts.temperature)
+    d_x = d_x.astype(x_dtype)
     if saved.x is not None:
         d_x = _sharding.like(d_x, saved.x)
     d_labels = d_weights = None
@@ -179,6 +222,21 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     if not opts.integer:
         d_inputs = d_inputs._replace(labels=d_labels)
     return (d_inputs,)
+
+
+def _from_expected(expected, coef, label_coef, t, temperature):
+    """``(coef p - label_coef t) / T`` from the saved ``grad = (a p - b t) / T``.
+
+    With ``p = (T grad + b t) / a`` it is ``mu grad + nu t``, ``mu = coef / a``
+    and ``nu = (mu b - label_coef) / T`` per example: where the cotangents are
+    the reduction's own (``coef = a``, ``label_coef = b``) that is ``grad``
+    itself, rounded once; any other cotangent (a differentiated ``lse``, a
+    weighted per-example loss) rounds it a second time.
+    """
+    grad, a, b = expected
+    mu = coef / a
+    nu = _numerics.tempered(mu * b - label_coef, temperature)
+    return _stats.softmax_part(mu, grad.astype(t.dtype)) + nu[..., None] * t
 
 
 def _log_softmax(saved: Inputs, opts, shift, log_se):
