@@ -84,15 +84,18 @@ def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
 
 
 def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
-    """``(sum_t, sum_t_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c - s) / T``
-    given the shifted masked logits ``xs = (x - shift) / T`` (``shift`` in the
-    logits' own units), without materialising ``t`` for integer labels (the
-    one-hot part is a gather; only label smoothing reads rows)."""
+    """``(sum_t, sum_t_xs, label_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
+    s) / T`` given the shifted masked logits ``xs = (x - shift) / T``
+    (``shift`` in the logits' own units), without materialising ``t`` for
+    integer labels (the one-hot part is a gather; only label smoothing reads
+    rows), and for integer labels the label's own ``(x_y - s) / T`` (None for
+    soft labels)."""
     classes = ClassAxis(opts.axis_name)
     dtype = xs.dtype
     if not opts.integer:
         t = targets(inputs, opts, dtype, xs.shape)
-        return classes.row_sum(t), classes.row_sum(_numerics.weighted(t, xs))
+        sum_t_xs = classes.row_sum(_numerics.weighted(t, xs))
+        return classes.row_sum(t), sum_t_xs, None
     # The label's own logit is read unmasked (optax): from x, then shifted.
     x_y = classes.take(inputs.x.astype(dtype), inputs.labels.ids)
     label_xs = _numerics.tempered(x_y - shift, opts.temperature)
@@ -105,7 +108,8 @@ def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
     sum_t, sum_t_xs = _stats.integer_target_sums(
         opts.label_smoothing, w_y, label_xs, smooth_mass, smooth_xs
     )
-    return jnp.where(inputs.scored, sum_t, 0), jnp.where(inputs.scored, sum_t_xs, 0)
+    scored = inputs.scored
+    return jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0), label_xs
 
 
 def label_weights(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:

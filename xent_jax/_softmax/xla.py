@@ -15,9 +15,11 @@ On a CPU the exponentials dominate: a backward pass that recomputes the
 softmax measured 1.9x optax, so the forward pass computes them once and saves
 one logits-sized residual, the gradient itself: ``(a p - b t) / T`` with the
 cotangents the loss's reduction will send (``Inputs.hint``), computed in
-float32 and rounded once to the logits' dtype. When the backward pass brings
-those cotangents the gradient is that array, correctly rounded in 16 bits;
-other cotangents are applied to it (``_from_expected``). A data dependency
+float32 and rounded once to the logits' dtype (for one-hot targets ``a p / T``,
+the label's own entry kept per example: no target term per logit in the
+forward pass). When the backward pass brings those cotangents the gradient is
+that array, correctly rounded in 16 bits; other cotangents are applied to it
+(``_from_expected``). A data dependency
 (``_after``) makes XLA finish every other read of the logits before the
 exponentials, which it can then write over the logits' buffer.
 
@@ -33,6 +35,7 @@ logits keep their softmax for the entropy's gradient instead.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +76,7 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
     # offset cancel exactly before the division rounds anything.
     shift = jax.lax.stop_gradient(_stats.shift_of(row_max))
     xs = _numerics.tempered(xm - shift[..., None], opts.temperature)
-    sum_t, sum_t_xs = tg.target_sums(inputs, xs, shift, opts)
+    sum_t, sum_t_xs, label_xs = tg.target_sums(inputs, xs, shift, opts)
     after = _after(shift, sum_t_xs)
     if argmax is not None:
         after = _after(after, argmax.astype(after.dtype))
@@ -88,7 +91,7 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
         sum_exs = classes.row_sum(_numerics.weighted(e, jnp.log(e)))
         entropy = _stats.entropy(log_se, sum_exs, sum_e)
         out = out._replace(entropy=entropy, argmax=argmax)
-    return out, (xm, e, sum_e, shift, log_se, sum_t)
+    return out, (xm, e, sum_e, shift, log_se, sum_t, label_xs)
 
 
 def _argmax(xm, row_max, classes: ClassAxis):
@@ -122,6 +125,24 @@ def _softmax(xm, e, sum_e, shift, log_se, x_dtype, temperature, scale=None):
     return jax.lax.platform_dependent(*operands, cpu=reuse, default=recompute)
 
 
+class Expected(NamedTuple):
+    """The residual gradient: ``grad = (a p - b t) / T`` in the logits' dtype,
+    with per-example ``a`` and ``b`` (see ``_expected_coefficients``); for
+    one-hot targets ``grad`` holds ``a p / T`` and ``label`` the label's own
+    entry in float32."""
+
+    grad: jax.Array
+    a: jax.Array
+    b: jax.Array
+    label: jax.Array | None
+
+
+def _one_hot(inputs: Inputs, opts: SoftmaxOptions) -> bool:
+    """Whether the targets are one class per example (weighted or not) whose
+    logit is never masked (``where`` per class may mask the label's)."""
+    return opts.integer and not opts.label_smoothing and inputs.keep is None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _kernel(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
     return _statistics(inputs, opts)[0]
@@ -130,14 +151,21 @@ def _kernel(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
 def _kernel_fwd(inputs, opts: SoftmaxOptions):
     perturbed = jax.tree.map(lambda a: a.perturbed, inputs)
     inputs = jax.tree.map(lambda a: a.value, inputs)
-    out, (xm, e, sum_e, shift, log_se, sum_t) = _statistics(inputs, opts)
+    out, (xm, e, sum_e, shift, log_se, sum_t, label_xs) = _statistics(inputs, opts)
     x_dtype = inputs.x.dtype
     a, b = _expected_coefficients(inputs, out.lse, sum_t)
     statistics = (xm, e, sum_e, shift, log_se, x_dtype, opts.temperature)
-    t = tg.targets(inputs, opts, xm.dtype, xm.shape)
     # Per example, the temperature's 1 / T scales a and b, not each logit.
     a_t, b_t = (_numerics.tempered(c, opts.temperature) for c in (a, b))
-    grad = _softmax(*statistics, scale=a_t) - b_t[..., None] * t
+    grad = _softmax(*statistics, scale=a_t)
+    label_grad = None
+    if _one_hot(inputs, opts):
+        # t is the label's weight (sum_t) at the label and 0 elsewhere: the
+        # label's entry is kept per example in float32 and put in place by
+        # the backward pass, which tests for the label anyway.
+        label_grad = a_t * jnp.exp(label_xs - log_se) - b_t * sum_t
+    else:
+        grad = grad - b_t[..., None] * tg.targets(inputs, opts, xm.dtype, xm.shape)
     # The logits are kept only for the gradients of soft labels and class
     # weights (with smoothing: the integer one-hot part needs only x_y), and
     # for the entropy's gradient from 16-bit logits (see _entropy_part);
@@ -160,7 +188,7 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
             inputs.x.astype(xm.dtype), inputs.labels.ids
         )
         label_nll = log_se - _numerics.tempered(x_y - shift, opts.temperature)
-    expected = (grad.astype(x_dtype), a, b)
+    expected = Expected(grad.astype(x_dtype), a, b, label_grad)
     return out, (saved, expected, p_aux, shift, log_se, sum_t, label_nll, out.entropy)
 
 
@@ -188,20 +216,20 @@ def _expected_coefficients(inputs: Inputs, lse, sum_t):
 
 def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     saved, expected, p_aux, shift, log_se, sum_t, label_nll, entropy = residual
-    x_dtype = expected[0].dtype  # saved in the logits' dtype
+    x_dtype = expected.grad.dtype  # saved in the logits' dtype
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
     coef, label_coef = _stats.logit_coefficients(g_ce, g_lse, sum_t, saved.scored)
     wants_entropy = entropy is not None and not _numerics.is_zero(cotangents.entropy)
-    t = tg.targets(saved, opts, dtype, expected[0].shape)
     if saved.x is not None and (wants_entropy or dtype != x_dtype):
         log_p = _log_softmax(saved, opts, shift, log_se)
         pf = jnp.exp(log_p)
     else:
         log_p, pf = None, p_aux
     if pf is None:
-        d_x = _from_expected(expected, coef, label_coef, t, opts.temperature)
+        d_x = _from_expected(saved, opts, expected, coef, label_coef, sum_t)
     else:
+        t = tg.targets(saved, opts, dtype, pf.shape)
         d_x = _stats.softmax_part(coef, pf) - label_coef[..., None] * t
         if wants_entropy:
             g_h = jnp.where(saved.scored, cotangents.entropy.astype(dtype), 0)
@@ -224,7 +252,7 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     return (d_inputs,)
 
 
-def _from_expected(expected, coef, label_coef, t, temperature):
+def _from_expected(saved: Inputs, opts, expected: Expected, coef, label_coef, sum_t):
     """``(coef p - label_coef t) / T`` from the saved ``grad = (a p - b t) / T``.
 
     With ``p = (T grad + b t) / a`` it is ``mu grad + nu t``, ``mu = coef / a``
@@ -233,10 +261,18 @@ def _from_expected(expected, coef, label_coef, t, temperature):
     itself, rounded once; any other cotangent (a differentiated ``lse``, a
     weighted per-example loss) rounds it a second time.
     """
-    grad, a, b = expected
-    mu = coef / a
-    nu = _numerics.tempered(mu * b - label_coef, temperature)
-    return _stats.softmax_part(mu, grad.astype(t.dtype)) + nu[..., None] * t
+    dtype = sum_t.dtype
+    mu = coef / expected.a
+    nu = _numerics.tempered(mu * expected.b - label_coef, opts.temperature)
+    scaled = _stats.softmax_part(mu, expected.grad.astype(dtype))
+    if expected.label is None:
+        t = tg.targets(saved, opts, dtype, scaled.shape)
+        return scaled + nu[..., None] * t
+    # One-hot targets: t is sum_t at the label, 0 elsewhere.
+    label = jnp.where(mu == 0, 0, mu * expected.label) + nu * sum_t
+    ids = ClassAxis(opts.axis_name).ids(scaled.shape[-1])
+    is_label = ids == saved.labels.ids[..., None]
+    return jnp.where(is_label, label[..., None], scaled)
 
 
 def _log_softmax(saved: Inputs, opts, shift, log_se):
