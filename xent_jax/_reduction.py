@@ -121,6 +121,16 @@ def reduce_loss(
     return functools.reduce(jnp.add, means)
 
 
+def z_term(lse: jax.Array, z_loss: float) -> jax.Array:
+    """``z_loss * lse**2``, finite wherever it is: ``lse**2`` overflows float32
+    beyond 1.8e19 (a tiny temperature) while ``z lse**2`` may not; there it is
+    ``(z lse) lse``. Elsewhere the product keeps its usual form, whose
+    cotangent ``2 z lse`` the kernel's ``cotangent_hint`` reproduces."""
+    square = jnp.square(lse)
+    overflow = jnp.isinf(square) & jnp.isfinite(lse)
+    return jnp.where(overflow, (z_loss * lse) * lse, z_loss * square)
+
+
 def reduce_softmax(
     ce: jax.Array,
     lse: jax.Array,
@@ -143,7 +153,7 @@ def reduce_softmax(
     """
     z = None
     if opts.z_loss:
-        z = jnp.where(scored, opts.z_loss * jnp.square(lse), 0).astype(ce.dtype)
+        z = jnp.where(scored, z_term(lse, opts.z_loss), 0).astype(ce.dtype)
     if opts.reduction == "mean_per_segment":
         w_ce, w_z, num_segments = _segments.mean_weights(
             scored, label_weight, segments, ce.dtype
