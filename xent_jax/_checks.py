@@ -55,6 +55,9 @@ def as_array(x: Any, name: str) -> jax.Array:
         return x
     try:
         return jnp.asarray(x)
+    except OverflowError as e:
+        # Python integers beyond the default integer dtype (int32 with x64 off).
+        raise ValueError(f"{name} holds a value JAX cannot hold: {e}.") from None
     except (TypeError, ValueError) as e:
         raise TypeError(
             f"{name} must be an array of numbers; got {x!r} ({e})."
