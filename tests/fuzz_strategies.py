@@ -354,8 +354,35 @@ def _clip_to(dtype, x):
     return np.where(np.isfinite(x), np.clip(x, -big, big), x)
 
 
-def _transform(draw):
-    return draw(st.sampled_from(TRANSFORMS), label="transform")
+def _transform(draw, kind=None):
+    # jax.export with a symbolic sequence length: the language-model losses
+    # (shift and segment_ids under export, issue 28, item 2).
+    lm = ("export",) if kind in ("integer", "soft", "linear") else ()
+    return draw(st.sampled_from(TRANSFORMS + lm), label="transform")
+
+
+# A boolean option as a bool, np.bool_ (accepted), a string or an int (a
+# TypeError naming the option, never a truth value: issue 28, item 7).
+BOOL_FORMS = ("bool", "bool", "np.bool_", "str", "int")
+
+
+def _bool_option(draw, name, value=None):
+    if value is None:
+        value = draw(st.booleans(), label=name)
+    form = draw(st.sampled_from(BOOL_FORMS), label=f"{name} form")
+    return {"bool": value, "np.bool_": np.bool_(value), "str": str(value)}.get(
+        form, int(value)
+    )
+
+
+def refused_bool_options(case) -> tuple[str, ...]:
+    """The boolean options given as anything but a bool or np.bool_."""
+    names = ("return_aux", "return_lse")
+    return tuple(
+        n
+        for n in names
+        if n in case.static and not isinstance(case.static[n], bool | np.bool_)
+    )
 
 
 def _reduction(draw, default=None, lm=False):
@@ -397,6 +424,41 @@ def _cotangent(rng, shape):
 
 
 TEMPERATURES = (None, None, 0.5, 2.0, 0.7, 3.0)
+# log2 of the smallest normal of each compute dtype: temperatures 2**(+-e) and
+# between are accepted, 2**(+-(e + 1)) refused (issue 28, item 5).
+TEMPERATURE_EXPONENT = {F32: 126, F64: 1022}
+
+
+def _temperature(draw, dtype):
+    """A temperature: a usual one, one at or inside the ends of what the
+    compute dtype holds with its reciprocal (powers of two: exact), or one
+    just beyond them (a ValueError naming ``temperature``)."""
+    where = draw(
+        st.sampled_from(["usual", "usual", "usual", "extreme", "outside"]),
+        label="temperature range",
+    )
+    if where == "usual":
+        return draw(st.sampled_from(TEMPERATURES), label="temperature")
+    e = TEMPERATURE_EXPONENT[compute_dtype(dtype)]
+    exponents = [-e, -e // 2, e // 2, e] if where == "extreme" else [-e - 1, e + 1]
+    return 2.0 ** draw(st.sampled_from(exponents), label="temperature exponent")
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype the package computes ``dtype`` in."""
+    return F64 if np.dtype(dtype) == F64 else F32
+
+
+def temperature_refused(case) -> bool:
+    """Whether the case's temperature is outside what its compute dtype holds
+    as a normal number, with its reciprocal."""
+    t = case.static.get("temperature")
+    if t is None:
+        return False
+    tiny = float(np.finfo(compute_dtype(case.dtype)).tiny)
+    return not tiny <= t <= 1.0 / tiny
+
+
 SEGMENT_DTYPES = tuple(np.dtype(d) for d in "int32 uint8 int16".split())
 
 
@@ -442,11 +504,9 @@ def _keep_shifted_labels(keep, anchors, label_codes, shift: int, batch_shape):
     return keep
 
 
-def _lm_options(draw, rng, case_static, arrays, forms, batch_shape, kind, x64):
+def _lm_options(draw, rng, case_static, arrays, forms, batch_shape, kind, x64, dtype):
     """Temperature, shift (integer labels), segment ids and return_aux."""
-    case_static["temperature"] = draw(
-        st.sampled_from(TEMPERATURES), label="temperature"
-    )
+    case_static["temperature"] = _temperature(draw, dtype)
     if kind in ("integer", "linear") and batch_shape:
         case_static["shift"] = draw(st.sampled_from([0, 0, 1, 2]), label="shift")
     if batch_shape and draw(st.booleans(), label="segment_ids"):
@@ -557,8 +617,8 @@ def draw_softmax_case(draw, kind):
     if kind == "integer" or kind == "focal":
         static["ignore_index"] = ignore_index
     if kind in ("integer", "soft"):
-        _lm_options(draw, rng, static, arrays, forms, batch_shape, kind, x64)
-        static["return_aux"] = draw(st.booleans(), label="return_aux")
+        _lm_options(draw, rng, static, arrays, forms, batch_shape, kind, x64, dtype)
+        static["return_aux"] = _bool_option(draw, "return_aux")
     if static.get("shift") and where_kind == "class":
         keep = _keep_shifted_labels(
             keep, anchors, label_codes, static["shift"], batch_shape
@@ -588,7 +648,7 @@ def draw_softmax_case(draw, kind):
         static["implementation"] = draw(
             st.sampled_from([None, "reference"]), label="implementation"
         )
-    transform = _transform(draw)
+    transform = _transform(draw, kind)
     per_example = ("logits", "labels", "where", "segment_ids")
     case = Case(
         kind, transform, x64, dtype, arrays, forms, static, per_example=per_example
@@ -700,9 +760,14 @@ def draw_linear_case(draw):
         st.sampled_from([None, 1e-30]), label="filter_threshold"
     )
     outputs = draw(st.sampled_from([None, "lse", "aux"]), label="outputs")
-    static["return_lse"] = outputs == "lse"
-    static["return_aux"] = outputs == "aux"
-    _lm_options(draw, rng, static, arrays, forms, batch_shape, "linear", x64)
+    static["return_lse"] = _bool_option(draw, "return_lse", outputs == "lse")
+    static["return_aux"] = _bool_option(draw, "return_aux", outputs == "aux")
+    if outputs == "aux" and draw(st.booleans(), label="coarse filter"):
+        # A threshold that skips blocks: the filter must be off while the
+        # entropy (differentiated with return_aux) has a cotangent, exact
+        # again (issue 28, item 3: a skipped block dropped its gradient).
+        static["filter_threshold"] = 1e-2
+    _lm_options(draw, rng, static, arrays, forms, batch_shape, "linear", x64, dtype)
     if draw(st.booleans(), label="w_layout vd"):
         static["w_layout"] = "vd"
         arrays["w"] = np.ascontiguousarray(arrays["w"].T)
@@ -717,7 +782,7 @@ def draw_linear_case(draw):
     static["implementation"] = draw(
         st.sampled_from([None, "reference", *pallas]), label="implementation"
     )
-    transform = _transform(draw)
+    transform = _transform(draw, "linear")
     per_example = ("x", "labels", "segment_ids")
     case = Case("linear", transform, x64, dtype, arrays, forms, static, per_example)
     case.notes.update(
@@ -795,16 +860,51 @@ def draw_bce_case(draw):
     return case
 
 
+def _concrete(case: Case, name: str) -> bool:
+    """Whether the package sees ``name`` as a concrete value (not traced)."""
+    return case.transform in CONCRETE_LABELS or case.forms.get(name) == "list"
+
+
+def _widen_segment_ids(draw, case: Case):
+    """With x64 off, segment ids given as concrete int64 values beyond int32
+    (every id moved by 2**32: wrapped to int32 they would be the same ids, so
+    only the check tells): a ValueError naming ``segment_ids`` (issue 28,
+    item 6). JAX itself converts traced ones at the ``jit`` boundary."""
+    ids = case.arrays.get("segment_ids")
+    if case.x64 or ids is None or ids.size == 0 or not _concrete(case, "segment_ids"):
+        return
+    if draw(st.booleans(), label="segment_ids beyond int32"):
+        ids = ids.astype(np.int64)
+        case.arrays["segment_ids"] = np.where(ids >= 0, ids + 2**32, ids)
+        if case.forms.get("segment_ids") == "jnp":
+            case.forms["segment_ids"] = "np"  # jnp.asarray would wrap them first
+
+
+def segment_ids_wrap(case: Case) -> bool:
+    """Whether concrete segment ids do not fit int32 with x64 off."""
+    ids = case.arrays.get("segment_ids")
+    if case.x64 or ids is None or ids.size == 0 or not _concrete(case, "segment_ids"):
+        return False
+    return bool((np.asarray(ids, np.int64) > np.iinfo(np.int32).max).any())
+
+
 def _finish(draw, rng, case: Case):
     """Differentiated arguments and cotangents of a grad transformation."""
     for name, form in case.forms.items():
         if form == "list" and np.size(case.arrays[name]) == 0:
             case.forms[name] = "np"  # an empty list has no dtype
+    if case.transform == "export":
+        if 0 in _batch_shape(case) or not _batch_shape(case):
+            case.transform = "jit"  # a symbolic dimension is at least 1
+        for name in _sequence_axes(case):
+            if case.forms.get(name) == "list":
+                case.forms[name] = "np"  # a constant has no symbolic shape
     if case.transform == "vmap":
         # Per-example arguments must be arrays to be mapped over.
         for name in case.per_example:
             if case.forms.get(name) == "list":
                 case.forms[name] = "np"
+    _widen_segment_ids(draw, case)
     if case.transform not in GRAD_TRANSFORMS:
         return
     floats = {
@@ -827,6 +927,9 @@ def _finish(draw, rng, case: Case):
     case.diff = tuple(diff)
     out_shape = _output_shape(case)
     case.cotangent = _cotangent(rng, out_shape)
+    if draw(st.booleans(), label="unit cotangent"):
+        case.cotangent = np.ones(out_shape)  # the loss differentiated as it is
+        case.notes["unit cotangent"] = True
     batch = _batch_shape(case)
     if case.static.get("return_lse") or case.static.get("return_aux"):
         # Only scored rows: the lse of an unscored row is unspecified.
@@ -973,6 +1076,8 @@ def run_package(case: Case):
     if t == "vmap":
         batched, shared = _split(dynamic, case.per_example)
         return jax.jit(jax.vmap(lambda b: call({**b, **shared})))(batched), {}
+    if t == "export":
+        return _exported(call, case, dynamic)(dynamic), {}
 
     diff, rest = _split(dynamic, case.diff)
     g = _objective(call, case)
@@ -991,6 +1096,42 @@ def run_package(case: Case):
     else:  # pragma: no cover
         raise AssertionError(t)
     return out, grads
+
+
+def _sequence_axes(case: Case) -> dict[str, int]:
+    """The axis of each array that runs along the last batch axis (the
+    sequence), made symbolic by the ``export`` transformation."""
+    names = {}
+    for name, value in case.arrays.items():
+        shape = np.shape(value)
+        if name == "x":
+            names[name] = len(shape) - 2
+        elif name in ("logits",) or (
+            name in ("labels", "where") and shape == np.shape(case.arrays.get("logits"))
+        ):
+            axes = canonical_axes(case.static["axis"], len(shape))
+            names[name] = max(i for i in range(len(shape)) if i not in axes)
+        elif name in ("labels", "where", "segment_ids"):
+            names[name] = len(shape) - 1
+    return names
+
+
+def _exported(call, case: Case, dynamic):
+    """``call`` exported with the sequence length symbolic, called on the
+    arrays (a Python scalar becomes an array argument)."""
+    (length,) = jax.export.symbolic_shape("t")
+    axes = _sequence_axes(case)
+    args = jax.tree.map(jnp.asarray, dynamic)
+
+    def spec(name, value):
+        shape = list(value.shape)
+        if name in axes:
+            shape[axes[name]] = length
+        return jax.ShapeDtypeStruct(tuple(shape), value.dtype)
+
+    specs = {k: jax.tree.map(lambda v, k=k: spec(k, v), v) for k, v in args.items()}
+    exported = jax.export.export(jax.jit(call))(specs)
+    return lambda _: exported.call(args)
 
 
 def g_split(g):
@@ -1314,8 +1455,17 @@ def scored_examples(case: Case):
 
 
 def expected_errors(case: Case):
-    """``(exception type, words one of which the message names)`` or None."""
+    """``(exception type, words one of which the message names)`` or None.
+    Options are validated before the arrays: a refused boolean option's
+    TypeError comes first."""
+    refused = refused_bool_options(case)
+    if refused:
+        return TypeError, refused
     words = []
+    if temperature_refused(case):
+        words.append("temperature")
+    if segment_ids_wrap(case):
+        words.append("segment_ids")
     norm = case.arrays.get("normalizer")
     if (
         case.kind in ("integer", "linear")
@@ -1330,7 +1480,12 @@ def expected_errors(case: Case):
     if case.kind in ("integer", "focal", "linear") and concrete:
         if bad_labels(case).any():
             words.append("label")
-    return (ValueError, tuple(words)) if words else None
+    if words:
+        return ValueError, tuple(words)
+    pallas = str(case.static.get("implementation")).startswith("pallas")
+    if case.transform == "export" and pallas:
+        return NotImplementedError, ("static shapes",)  # Pallas grids are static
+    return None
 
 
 # --- tolerances -------------------------------------------------------------------
@@ -1541,9 +1696,10 @@ def _assert_match(actual, expected, tol, what, skip, zero):
 
 
 def _expected_in_dtype(want, dtype):
-    """A 16-bit gradient overflows where the float64 one exceeds its range."""
+    """A result overflows where the float64 one exceeds its dtype's range
+    (a float32 loss of 1e73 from a tiny temperature is inf)."""
     want = np.asarray(want, np.float64)
-    if dtype not in (F16, BF16):
+    if np.dtype(dtype) == F64:
         return want
     big = np.abs(want) >= 0.5 * float(jnp.finfo(dtype).max)
     with np.errstate(over="ignore"):
@@ -1559,6 +1715,7 @@ def compare(case: Case, out, grads, r: Reference):
     weights = [_row_weights(case, t, a) for t, a in zip(r.terms, r.arrays, strict=True)]
     loss_out = out[0] if isinstance(out, tuple) else out
     loss_ref = r.output[0] if isinstance(r.output, tuple) else r.output
+    loss_ref = _expected_in_dtype(loss_ref, np.asarray(loss_out).dtype)
     ref_slices = [loss_ref] if case.transform != "vmap" else list(loss_ref)
 
     tols = []
@@ -1571,6 +1728,9 @@ def compare(case: Case, out, grads, r: Reference):
             per = np.sum(np.where(np.isfinite(per), per, 0) * wts) + K * e * fin
         tols.append(per)
     tol = tols[0] if case.transform != "vmap" else np.stack(tols)
+    if _total_overflows(case, r, np.asarray(loss_out).dtype):
+        # A mean whose float32 total overflows (a tiny temperature) is inf.
+        loss_ref = np.where(np.isinf(loss_out), loss_out, loss_ref)
     assert_match(loss_out, loss_ref, tol, "loss")
     if not case.x64:
         want = F32 if case.dtype in (F16, BF16) else case.dtype
@@ -1579,13 +1739,58 @@ def compare(case: Case, out, grads, r: Reference):
     if case.static.get("return_aux"):
         _compare_aux(case, out[1], r, stats)
     elif isinstance(out, tuple):  # return_lse: finite ones of scored rows only
-        lse_ref = np.asarray(r.output[1])
+        lse_ref = _expected_in_dtype(r.output[1], np.asarray(out[1]).dtype)
         lse_tol = np.stack([K * e * s_.lse for s_ in stats]).reshape(lse_ref.shape)
         scored = np.stack([t.scored for t in r.terms]).reshape(lse_ref.shape)
         skip = ~scored.astype(bool) | ~np.isfinite(lse_ref)
         assert_match(out[1], lse_ref, lse_tol, "lse", skip=skip)
     if grads:
         _compare_grads(case, grads, r, stats[0], weights[0])
+        if rounded_once_applies(case):
+            _check_rounded_once(grads["logits"], r.grads["logits"], case.dtype)
+
+
+def _total_overflows(case: Case, r: Reference, dtype) -> bool:
+    """Whether a reduced loss sums per-example values whose total exceeds
+    ``dtype``'s range."""
+    if _reduction_of(case) == "none" or np.dtype(dtype) == F64:
+        return False
+    total = sum(
+        float(np.sum(np.abs(np.where(np.isfinite(v), v, 0))))
+        for t in r.terms
+        for v in (np.asarray(t.ce), np.asarray(t.zl))
+    )
+    return total > float(np.finfo(dtype).max)
+
+
+def rounded_once_applies(case: Case) -> bool:
+    """Whether the 16-bit logits' gradient must be correctly rounded (issue
+    28, item 8): the core loss differentiated as it is (unit cotangent, no
+    differentiated ``lse``), ordinary finite rows, a usual temperature."""
+    return (
+        case.kind in ("integer", "soft")
+        and case.dtype in (F16, BF16)
+        and "logits" in case.diff
+        and case.notes.get("unit cotangent", False)
+        and case.lse_cotangent is None
+        and case.static.get("implementation") is None
+        and case.notes.get("regime") == "unit"
+        and set(case.notes.get("rows", ())) <= {"ordinary"}
+        and case.static.get("temperature") in TEMPERATURES
+    )
+
+
+def _check_rounded_once(got, want, dtype):
+    """Every element within half an ulp of the float64 gradient (and float32's
+    own error near a tie, 2^-10 ulp)."""
+    want = np.asarray(want, np.float64)
+    got = np.asarray(got).astype(np.float64)
+    info = jnp.finfo(dtype)
+    magnitude = np.maximum(np.abs(want), float(info.smallest_normal))
+    ulps = np.abs(got - want) / 2.0 ** (np.floor(np.log2(magnitude)) - info.nmant)
+    worst = float(np.max(ulps, initial=0))
+    if worst > 0.5 + 2.0**-10:
+        raise Mismatch(f"d/d logits is {worst:.3f} ulp from float64, not rounded once")
 
 
 def _compare_aux(case: Case, aux, r: Reference, stats):
@@ -1602,7 +1807,8 @@ def _compare_aux(case: Case, aux, r: Reference, stats):
     assert_match(aux.scored, scored, 0.0, "aux.scored")
     lse_tol = np.stack([K * e * s_.lse for s_ in stats]).reshape(shape)
     no_mass = np.isneginf(ref_aux.lse)
-    assert_match(aux.lse, ref_aux.lse, lse_tol, "aux.lse", skip=no_mass)
+    lse_ref = _expected_in_dtype(ref_aux.lse, np.asarray(aux.lse).dtype)
+    assert_match(aux.lse, lse_ref, lse_tol, "aux.lse", skip=no_mass)
     if np.any(no_mass & (np.asarray(aux.lse) != 0)):
         raise Mismatch(f"aux.lse: rows without mass must be 0, got {aux.lse}")
     ent_tol = np.stack([K * e * s_.spread for s_ in stats]).reshape(shape)
@@ -1822,6 +2028,13 @@ EXTRAS = (
 )
 
 
+# Float labels whose gradient is finite at hard 0/1 labels, differentiated
+# too (issue 28, item 4: the focal loss's was NaN there). The KL divergence's
+# d/dy = log y + 1 - x is -inf at y = 0, and the safe cross-entropy's
+# -log_softmax(x) is +inf on its -inf logits: not drawn.
+LABELS_DIFFERENTIATED = ("sigmoid_focal_loss", "poly_loss_cross_entropy")
+
+
 def draw_extras_case(draw, name):
     """A light case for one of optax's other losses: finite inputs (and -inf
     logits where the targets are 0 for the safe cross-entropy)."""
@@ -1869,6 +2082,8 @@ def draw_extras_case(draw, name):
     case.notes.update(seed=seed)
     if transform in ("grad", "jit_grad"):
         case.diff = ("logits",)
+        if name in LABELS_DIFFERENTIATED:
+            case.diff = ("logits", "labels")
         axes = canonical_axes(axis, len(shape))
         out_shape = tuple(shape[i] for i in range(len(shape)) if i not in axes)
         if name in ("smooth_labels", "sigmoid_focal_loss"):  # elementwise
@@ -1936,8 +2151,7 @@ def check_extras_case(case: Case):
             vg = jax.value_and_grad(g, has_aux=True)
             if case.transform == "jit_grad":
                 vg = jax.jit(vg)
-            name = case.diff[0]
-            (_, out), grads = vg({name: args[name]})
+            (_, out), grads = vg({name: args[name] for name in case.diff})
         out = np.asarray(out)
         grads = jax.tree.map(np.asarray, grads)
     with float64():
@@ -1950,16 +2164,14 @@ def check_extras_case(case: Case):
                 out = _extras_ref(case, {**a, **d})
                 return jnp.sum(jnp.asarray(ct, out.dtype) * out)
 
-            name = case.diff[0]
-            want_grads = jax.jit(jax.grad(gr))({name: a[name]})
+            want_grads = jax.jit(jax.grad(gr))({name: a[name] for name in case.diff})
             want_grads = jax.tree.map(np.asarray, want_grads)
     e = max(float(jnp.finfo(case.dtype).eps), eps(case.dtype))
     x = np.asarray(a["logits"])
     scale = 1.0 + np.abs(np.where(np.isfinite(x), x, 0)).max(initial=0)
     c = x.shape[-1] if x.ndim else 1
     assert_match(out, want, K * e * scale * c * (1 + np.abs(want)), "value")
-    if grads:
-        name = case.diff[0]
+    for name in grads:
         g_want = _expected_in_dtype(want_grads[name], case.dtype)
         tol = K * e * scale * c * (1 + np.abs(g_want)) * np.max(np.abs(ct), initial=1)
         assert_match(grads[name], g_want, tol, f"d/d {name}")

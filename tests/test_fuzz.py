@@ -5,25 +5,35 @@ the logits dtype (float16, bfloat16, float32; float64 under x64), the label
 dtype (int8, int16, int32, uint8, uint16, uint32; int64 and uint64 under x64;
 float soft labels), a shape bucket (an empty batch, a single class, a class
 axis that is not last, tuple axes, more classes than 8-bit labels can hold), a
-value regime (ordinary, |x| up to 1e30 within the dtype's range, a large
-common offset) with per-row -inf (some, most or all classes, at the label),
-+inf and NaN (at and away from the label, in a class ``where`` masks), NaN and
-inf in unscored rows, labels in range, ignored and out of range (values that a
+value regime (ordinary, |x| up to 1e30 within the dtype's range, a large common
+offset) with per-row -inf (some, most or all classes, at the label), +inf and
+NaN (at and away from the label, in a class ``where`` masks), NaN and inf in
+unscored rows, labels in range, ignored and out of range (values that a
 narrowing or wrapping conversion would turn into a class id or into
 ``ignore_index``), every keyword option with array arguments passed as NumPy
 arrays, jnp arrays and Python lists (the language-model ones too: a
 ``temperature``, a causal ``shift``, ``segment_ids`` with padding and reused
 ids and ``reduction="mean_per_segment"``, ``return_aux`` with every ``Aux``
 field compared and ``lse`` and ``entropy`` differentiated, ``w_layout="vd"``),
-``implementation=`` (the fused loss's Pallas kernels too, interpreted),
-and a transformation: eager, ``jit``,
-``vmap`` (jitted), ``grad`` with respect to every differentiable argument,
-``jit(grad)`` or ``jit(grad(checkpoint))``. Values and gradients are compared
-with the reference evaluated in float64 on the same, exactly representable
-inputs: NaN and inf positions exactly, finite values within a tolerance derived
-from the dtype and the magnitude of the shifted logits; unscored rows must get
-exactly zero gradient. Out-of-range labels must raise ``ValueError`` where the
-labels are concrete (eager, ``grad``, Python lists) and give NaN where they are
+``implementation=`` (the fused loss's Pallas kernels too, interpreted), and a
+transformation: eager, ``jit``, ``vmap`` (jitted), ``grad`` with respect to
+every differentiable argument, ``jit(grad)``, ``jit(grad(checkpoint))`` or, for
+the language-model losses, ``jax.export`` with a symbolic sequence length
+(``shift`` and ``segment_ids`` included). Issue 28's axes: temperatures at both
+ends of what the compute dtype holds and just beyond them (a ``ValueError``
+naming ``temperature``), ``return_aux``/``return_lse`` as ``bool``,
+``np.bool_``, ``str`` or ``int`` (a ``TypeError`` for the last two), int64
+segment ids beyond int32 with x64 off (a ``ValueError`` naming
+``segment_ids``), a gradient-filter threshold that skips blocks while
+``aux.entropy`` is differentiated (exact again), hard 0/1 labels differentiated
+in every loss with float labels whose gradient is finite there, and a unit
+cotangent, under which a 16-bit logits' gradient must be within half an ulp of
+the float64 one (rounded once). Values and gradients are compared with the
+reference evaluated in float64 on the same, exactly representable inputs: NaN
+and inf positions exactly, finite values within a tolerance derived from the
+dtype and the magnitude of the shifted logits; unscored rows must get exactly
+zero gradient. Out-of-range labels must raise ``ValueError`` where the labels
+are concrete (eager, ``grad``, Python lists) and give NaN where they are
 traced.
 
 Budget: CI runs the ``ci`` hypothesis profile (``tests/conftest.py``: fixed
