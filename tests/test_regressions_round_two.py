@@ -34,6 +34,7 @@ from core_helpers import float64
 import xent_jax as xj
 
 ICE = xj.softmax_cross_entropy_with_integer_labels
+SCE = xj.softmax_cross_entropy
 LCE = xj.linear_cross_entropy
 
 # 4 classes; the 9 sits at the user's position [1, 3].
@@ -232,6 +233,35 @@ def test_item5_temperature_outside_the_compute_dtype_raises(loss):
     with float64():  # float64 holds 1e-300
         x = jnp.array([[1.0, 3.0, 2.0]])
         np.testing.assert_array_equal(ICE(x, jnp.array([1]), temperature=1e-300), [0])
+
+
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_item5_tiny_temperature_products_of_overflowing_distances(impl):
+    """Found by issue 28's campaign: at T = 2^-126 a shifted logit (x_c - s)
+    / T overflows float32 where t_c times it does not; the soft loss, the
+    class-weighted loss and the gradients w.r.t. labels and class weights
+    were inf where finite (the sums and products now precede the division)."""
+    t_inv = 2.0**126
+    x = jnp.array([[0.0, -5.0, -1.0]])  # distances 0, 5 / T, 1 / T
+    soft = jnp.array([[0.5, 0.25, 0.25]])
+    kw = dict(temperature=1 / t_inv, implementation=impl)
+    one = dict(rtol=1e-6)
+    np.testing.assert_allclose(SCE(x, soft, **kw), [1.5 * t_inv], **one)
+    d_labels = jax.grad(lambda t: 0.75 * SCE(x, t, **kw).sum())(soft)
+    np.testing.assert_allclose(d_labels, [[0, 3.75 * t_inv, 0.75 * t_inv]], **one)
+    weights = jnp.array([1.0, 0.25, 1.0])
+
+    def weighted(w, g, smoothing=0.0):
+        loss = ICE(x, jnp.array([1]), class_weights=w, label_smoothing=smoothing, **kw)
+        return g * loss.sum()
+
+    np.testing.assert_allclose(weighted(weights, 1.0), 1.25 * t_inv, **one)
+    d_weights = jax.grad(weighted)(weights, 0.5)
+    np.testing.assert_allclose(d_weights, [0, 2.5 * t_inv, 0], **one)
+    # Smoothing 0.3: 0.7 on the label plus 0.1 on each class.
+    d_weights = jax.grad(weighted)(weights, 0.25, 0.3)
+    want = 0.25 * np.array([0.0, 0.8 * 5, 0.1]) * t_inv
+    np.testing.assert_allclose(d_weights, want, **one)
 
 
 BOOLEAN_OPTIONS = {

@@ -83,33 +83,38 @@ def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
     return jnp.where(inputs.scored[..., None], t, 0)
 
 
-def target_sums(inputs: Inputs, xs, shift, opts: SoftmaxOptions):
-    """``(sum_t, sum_t_xs, label_xs)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
-    s) / T`` given the shifted masked logits ``xs = (x - shift) / T``
-    (``shift`` in the logits' own units), without materialising ``t`` for
-    integer labels (the one-hot part is a gather; only label smoothing reads
-    rows), and for integer labels the label's own ``(x_y - s) / T`` (None for
-    soft labels)."""
+def target_sums(inputs: Inputs, xr, shift, opts: SoftmaxOptions):
+    """``(sum_t, sum_t_xs, label_xr)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
+    s) / T`` given the shifted masked logits ``xr = x - shift`` (``shift`` in
+    the logits' own units), without materialising ``t`` for integer labels
+    (the one-hot part is a gather; only label smoothing reads rows), and for
+    integer labels the label's own ``x_y - s`` (None for soft labels).
+
+    The sums are taken before the temperature divides them: with ``T < 1`` a
+    shifted logit ``(x_c - s) / T`` may overflow where ``t_c`` times it does
+    not (issue 28's campaign: ``T = 2^-126``, ``t_c = 1/4``).
+    """
     classes = ClassAxis(opts.axis_name)
-    dtype = xs.dtype
+    dtype = xr.dtype
+    temperature = opts.temperature
     if not opts.integer:
-        t = targets(inputs, opts, dtype, xs.shape)
-        sum_t_xs = classes.row_sum(_numerics.weighted(t, xs))
-        return classes.row_sum(t), sum_t_xs, None
+        t = targets(inputs, opts, dtype, xr.shape)
+        sum_t_xs = classes.row_sum(_numerics.weighted(t, xr))
+        return classes.row_sum(t), _numerics.tempered(sum_t_xs, temperature), None
     # The label's own logit is read unmasked (optax): from x, then shifted.
-    x_y = classes.take(inputs.x.astype(dtype), inputs.labels.ids)
-    label_xs = _numerics.tempered(x_y - shift, opts.temperature)
+    label_xr = classes.take(inputs.x.astype(dtype), inputs.labels.ids) - shift
     w_y = label_weights(inputs, opts, dtype)
-    smooth_mass = smooth_xs = None
+    smooth_mass = smooth_xr = None
     if opts.label_smoothing:
         u = weighted_by_class(smoothing(inputs, opts, dtype), inputs, dtype)
-        smooth_mass = classes.row_sum(jnp.broadcast_to(u, xs.shape))
-        smooth_xs = classes.row_sum(_numerics.weighted(u, xs))
-    sum_t, sum_t_xs = _stats.integer_target_sums(
-        opts.label_smoothing, w_y, label_xs, smooth_mass, smooth_xs
+        smooth_mass = classes.row_sum(jnp.broadcast_to(u, xr.shape))
+        smooth_xr = classes.row_sum(_numerics.weighted(u, xr))
+    sum_t, sum_t_xr = _stats.integer_target_sums(
+        opts.label_smoothing, w_y, label_xr, smooth_mass, smooth_xr
     )
+    sum_t_xs = _numerics.tempered(sum_t_xr, temperature)
     scored = inputs.scored
-    return jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0), label_xs
+    return jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0), label_xr
 
 
 def label_weights(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:

@@ -75,8 +75,8 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
     # The shift is in the logits' own units: (x - shift) / T lets a common
     # offset cancel exactly before the division rounds anything.
     shift = jax.lax.stop_gradient(_stats.shift_of(row_max))
-    xs = _numerics.tempered(xm - shift[..., None], opts.temperature)
-    sum_t, sum_t_xs, label_xs = tg.target_sums(inputs, xs, shift, opts)
+    xr = xm - shift[..., None]
+    sum_t, sum_t_xs, label_xr = tg.target_sums(inputs, xr, shift, opts)
     after = _after(shift, sum_t_xs)
     if argmax is not None:
         after = _after(after, argmax.astype(after.dtype))
@@ -91,7 +91,7 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
         sum_exs = classes.row_sum(_numerics.weighted(e, jnp.log(e)))
         entropy = _stats.entropy(log_se, sum_exs, sum_e)
         out = out._replace(entropy=entropy, argmax=argmax)
-    return out, (xm, e, sum_e, shift, log_se, sum_t, label_xs)
+    return out, (xm, e, sum_e, shift, log_se, sum_t, label_xr)
 
 
 def _argmax(xm, row_max, classes: ClassAxis):
@@ -151,7 +151,7 @@ def _kernel(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
 def _kernel_fwd(inputs, opts: SoftmaxOptions):
     perturbed = jax.tree.map(lambda a: a.perturbed, inputs)
     inputs = jax.tree.map(lambda a: a.value, inputs)
-    out, (xm, e, sum_e, shift, log_se, sum_t, label_xs) = _statistics(inputs, opts)
+    out, (xm, e, sum_e, shift, log_se, sum_t, label_xr) = _statistics(inputs, opts)
     x_dtype = inputs.x.dtype
     a, b = _expected_coefficients(inputs, out.lse, sum_t)
     statistics = (xm, e, sum_e, shift, log_se, x_dtype, opts.temperature)
@@ -163,6 +163,7 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
         # t is the label's weight (sum_t) at the label and 0 elsewhere: the
         # label's entry is kept per example in float32 and put in place by
         # the backward pass, which tests for the label anyway.
+        label_xs = _numerics.tempered(label_xr, opts.temperature)
         label_grad = a_t * jnp.exp(label_xs - log_se) - b_t * sum_t
     else:
         grad = grad - b_t[..., None] * tg.targets(inputs, opts, xm.dtype, xm.shape)
@@ -182,14 +183,10 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     saved = inputs if needs_x else inputs._replace(x=None)
     saved = saved._replace(hint=None)
     p_aux = _softmax(*statistics) if opts.aux and wide else None
-    label_nll = None  # lse - x_y, for the one-hot part of the weights' gradient
-    if opts.integer and perturbed.class_weights is True:
-        x_y = ClassAxis(opts.axis_name).take(
-            inputs.x.astype(xm.dtype), inputs.labels.ids
-        )
-        label_nll = log_se - _numerics.tempered(x_y - shift, opts.temperature)
+    # x_y - shift, for the one-hot part of the class weights' gradient.
+    weights_xr = label_xr if opts.integer and perturbed.class_weights is True else None
     expected = Expected(grad.astype(x_dtype), a, b, label_grad)
-    return out, (saved, expected, p_aux, shift, log_se, sum_t, label_nll, out.entropy)
+    return out, (saved, expected, p_aux, shift, log_se, sum_t, weights_xr, out.entropy)
 
 
 def _expected_coefficients(inputs: Inputs, lse, sum_t):
@@ -215,7 +212,7 @@ def _expected_coefficients(inputs: Inputs, lse, sum_t):
 
 
 def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
-    saved, expected, p_aux, shift, log_se, sum_t, label_nll, entropy = residual
+    saved, expected, p_aux, shift, log_se, sum_t, label_xr, entropy = residual
     x_dtype = expected.grad.dtype  # saved in the logits' dtype
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
@@ -242,9 +239,9 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     d_labels = d_weights = None
     if not opts.integer and saved.x is not None:
         d_labels, d_weights = _soft_label_grads(saved, opts, label_coef, shift, log_se)
-    elif saved.class_weights is not None and label_nll is not None:
+    elif saved.class_weights is not None and label_xr is not None:
         d_weights = _integer_weight_grad(
-            saved, opts, label_coef, label_nll, shift, log_se
+            saved, opts, label_coef, label_xr, shift, log_se
         )
     d_inputs = Inputs(d_x, None, None, d_weights, None)
     if not opts.integer:
@@ -298,10 +295,22 @@ def _entropy_part(g_h, pf, log_p, entropy):
     return _stats.softmax_part(g_h, d_log_p)
 
 
-def _distance(saved: Inputs, opts, shift, log_se):
-    """``lse - x_c`` per class, in shifted coordinates."""
-    xs = saved.x.astype(log_se.dtype) - shift[..., None]
-    return log_se[..., None] - _numerics.tempered(xs, opts.temperature)
+def _times_distance(coef, xr, log_se, temperature):
+    """``coef (lse - x_c)`` per example or class in shifted coordinates, ``x_c
+    = xr / T``. With ``T < 1``, where ``xr / T`` overflows but the product
+    does not (``T = 2^-126``: issue 28's campaign), it is formed before the
+    division."""
+    direct = _numerics.weighted(coef, log_se - _numerics.tempered(xr, temperature))
+    if temperature is None or temperature >= 1:
+        return direct
+    late = _numerics.weighted(coef, temperature * log_se - xr) / temperature
+    return jnp.where(jnp.isinf(direct), late, direct)
+
+
+def _class_distances(coef, saved: Inputs, opts, shift, log_se):
+    """``coef (lse - x_c)`` per class, ``coef`` broadcast to the logits."""
+    xr = saved.x.astype(log_se.dtype) - shift[..., None]
+    return _times_distance(coef, xr, log_se[..., None], opts.temperature)
 
 
 def _soft_label_grads(saved: Inputs, opts, label_coef, shift, log_se):
@@ -310,34 +319,37 @@ def _soft_label_grads(saved: Inputs, opts, label_coef, shift, log_se):
     unweighted target."""
     dtype = log_se.dtype
     a = opts.label_smoothing
-    dist = _distance(saved, opts, shift, log_se)
     coef = label_coef[..., None]
     if saved.keep is not None:
         coef = jnp.where(saved.keep, coef, 0)
-    d_y = _numerics.weighted(coef * (1 - a), dist)
+    d_y = _class_distances(coef * (1 - a), saved, opts, shift, log_se)
     d_y_weighted = tg.weighted_by_class(d_y, saved, dtype)
     d_labels = _sharding.like(d_y_weighted.astype(saved.labels.dtype), saved.labels)
     d_weights = None
     if saved.class_weights is not None:
         unweighted = saved._replace(class_weights=None)
         t = tg.targets(unweighted, opts, dtype, saved.x.shape)
-        per_class = _numerics.weighted(label_coef[..., None] * t, dist)
+        per_class = _class_distances(
+            label_coef[..., None] * t, saved, opts, shift, log_se
+        )
         d_weights = _sum_to_classes(per_class, saved.class_weights)
     return d_labels, d_weights
 
 
-def _integer_weight_grad(saved: Inputs, opts, label_coef, label_nll, shift, log_se):
+def _integer_weight_grad(saved: Inputs, opts, label_coef, label_xr, shift, log_se):
     """``sum_i g_i [(1 - a) [y_i = c] (lse_i - x_iy) + u_ic (lse_i - x_ic)]``."""
     dtype = log_se.dtype
     classes = ClassAxis(opts.axis_name)
     num_local = saved.class_weights.shape[-1]
-    onehot_part = _numerics.weighted(label_coef * (1 - opts.label_smoothing), label_nll)
+    onehot_coef = label_coef * (1 - opts.label_smoothing)
+    onehot_part = _times_distance(onehot_coef, label_xr, log_se, opts.temperature)
     d_weights = classes.scatter_add(num_local, saved.labels.ids, onehot_part)
     d_weights = _sharding.match_varying(d_weights, saved.class_weights)
     if opts.label_smoothing:
         u = tg.smoothing(saved, opts, dtype)
-        dist = _distance(saved, opts, shift, log_se)
-        per_class = _numerics.weighted(label_coef[..., None] * u, dist)
+        per_class = _class_distances(
+            label_coef[..., None] * u, saved, opts, shift, log_se
+        )
         d_weights = d_weights + _sum_to_classes(per_class, saved.class_weights)
     return d_weights.astype(saved.class_weights.dtype)
 
