@@ -25,6 +25,16 @@ def float64():
     return enable_x64()
 
 
+def ulps(got, want, dtype):
+    """``|got - want|`` in ulps of ``dtype`` at ``want`` (as float64 arrays;
+    below the smallest normal, in its ulp)."""
+    want = np.asarray(want, np.float64)
+    got = np.asarray(got).astype(np.float64)
+    info = jnp.finfo(dtype)
+    magnitude = np.maximum(np.abs(want), float(info.smallest_normal))
+    return np.abs(got - want) / 2.0 ** (np.floor(np.log2(magnitude)) - info.nmant)
+
+
 def tol(dtype):
     rtol, atol = TOL[jnp.dtype(dtype)]
     return dict(rtol=rtol, atol=atol)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import reference as ref
-from core_helpers import float64
+from core_helpers import float64, ulps
 from hypothesis import strategies as st
 
 import xent_jax as xj
@@ -88,7 +88,7 @@ IGNORE_INDEX = (None, -100, -1, 0, 2**40, "np.int32(-100)", 2**32 - 100)
 
 def eps(dtype) -> float:
     """Machine epsilon of the dtype the package computes ``dtype`` in."""
-    return float(np.finfo(np.float64 if dtype == F64 else np.float32).eps)
+    return float(np.finfo(compute_dtype(dtype)).eps)
 
 
 def ulp(dtype) -> float:
@@ -1476,8 +1476,7 @@ def expected_errors(case: Case):
         and case.static["z_loss"] > 0
     ):
         words.append("normalizer")
-    concrete = case.transform in CONCRETE_LABELS or case.forms["labels"] == "list"
-    if case.kind in ("integer", "focal", "linear") and concrete:
+    if case.kind in ("integer", "focal", "linear") and _concrete(case, "labels"):
         if bad_labels(case).any():
             words.append("label")
     if words:
@@ -1766,12 +1765,14 @@ def _total_overflows(case: Case, r: Reference, dtype) -> bool:
 def rounded_once_applies(case: Case) -> bool:
     """Whether the 16-bit logits' gradient must be correctly rounded (issue
     28, item 8): the core loss differentiated as it is (unit cotangent, no
-    differentiated ``lse``), ordinary finite rows, a usual temperature."""
+    differentiated ``lse``) or reduced by ``"none"`` (any cotangent: the
+    gradient is recomputed in float32), ordinary finite rows, a usual
+    temperature."""
     return (
         case.kind in ("integer", "soft")
         and case.dtype in (F16, BF16)
         and "logits" in case.diff
-        and case.notes.get("unit cotangent", False)
+        and (case.notes.get("unit cotangent", False) or _reduction_of(case) == "none")
         and case.lse_cotangent is None
         and case.static.get("implementation") is None
         and case.notes.get("regime") == "unit"
@@ -1783,12 +1784,7 @@ def rounded_once_applies(case: Case) -> bool:
 def _check_rounded_once(got, want, dtype):
     """Every element within half an ulp of the float64 gradient (and float32's
     own error near a tie, 2^-10 ulp)."""
-    want = np.asarray(want, np.float64)
-    got = np.asarray(got).astype(np.float64)
-    info = jnp.finfo(dtype)
-    magnitude = np.maximum(np.abs(want), float(info.smallest_normal))
-    ulps = np.abs(got - want) / 2.0 ** (np.floor(np.log2(magnitude)) - info.nmant)
-    worst = float(np.max(ulps, initial=0))
+    worst = float(np.max(ulps(got, want, dtype), initial=0))
     if worst > 0.5 + 2.0**-10:
         raise Mismatch(f"d/d logits is {worst:.3f} ulp from float64, not rounded once")
 
@@ -2013,7 +2009,27 @@ def check_case(case: Case):
         out, grads = run_package(case)
         out = jax.tree.map(np.asarray, out)
         grads = jax.tree.map(np.asarray, grads)
+    if fused_logits_overflow(case):
+        return  # ran (no crash, no wrong error); not compared
     compare(case, out, grads, run_reference(case))
+
+
+def fused_logits_overflow(case: Case) -> bool:
+    """Whether a fused-loss case at ``T < 1`` has a logit ``(x w + b) / T``
+    beyond its compute dtype's range. The fused loss divides before it shifts
+    (``docs/semantics.md``), so such a logit is infinite there (NaN at a row's
+    maximum), where the float64 reference shifts first: a documented limit,
+    not compared."""
+    t = case.static.get("temperature")
+    if case.kind != "linear" or t is None or t >= 1:
+        return False
+    x = np.asarray(case.arrays["x"], F64)
+    z = x @ np.asarray(w_dv(case, case.arrays["w"]), F64)
+    if case.arrays.get("bias") is not None:
+        z = z + np.asarray(case.arrays["bias"], F64)
+    with np.errstate(all="ignore"):
+        big = np.abs(z) / t > float(np.finfo(compute_dtype(case.dtype)).max)
+    return bool(np.any(big & np.isfinite(z)))
 
 
 # --- optax's other losses -----------------------------------------------------------

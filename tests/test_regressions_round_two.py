@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from core_helpers import float64
+from core_helpers import float64, ulps
 
 import xent_jax as xj
 
@@ -264,6 +264,24 @@ def test_item5_tiny_temperature_products_of_overflowing_distances(impl):
     np.testing.assert_allclose(d_weights, want, **one)
 
 
+def test_item5_tiny_temperature_z_loss_gradient_has_no_nan():
+    """Found by issue 28's campaign: at T = 2^-126 with a z-loss, lse / T
+    overflows the saved gradient's scale and ``jnp.square``'s derivative ``2
+    lse`` overflowed in the z-term's unused branch: NaN on every logit. The
+    gradient is ``g ((1 + 2 z lse) p - t) / T``: infinite at the row's
+    maximum, ``-g / T`` at a label that is not, 0 elsewhere."""
+    t_inv = 2.0**126
+    x = jnp.array([[1.28, 0.21, -1.07, 0.72, 2.61], [1.89, -1.41, -2.53, -1.25, 0.08]])
+    labels = jnp.array([[0, 0, 0, 0, 1.0], [0, 0, 0, 1.0, 0]])
+    g = jnp.array([-0.5, 0.75])
+
+    def loss(v):
+        return jnp.sum(g * SCE(v, labels, z_loss=1e-3, temperature=1 / t_inv))
+
+    want = [[0, 0, 0, 0, -np.inf], [np.inf, 0, 0, -0.75 * t_inv, 0]]
+    np.testing.assert_allclose(jax.grad(loss)(x), want, rtol=1e-6)
+
+
 BOOLEAN_OPTIONS = {
     "return_aux": (_core, _fused),
     "return_lse": (_fused,),
@@ -355,13 +373,6 @@ def test_item10_t5x_label_smoothing_mapping():
 # --- item 8 ------------------------------------------------------------------------
 
 
-def _ulps(got, want, dtype):
-    """``|got - want|`` in ulps of ``dtype`` at ``want`` (float64 arrays)."""
-    info = jnp.finfo(dtype)
-    magnitude = np.maximum(np.abs(want), float(info.smallest_normal))
-    return np.abs(got - want) / 2.0 ** (np.floor(np.log2(magnitude)) - info.nmant)
-
-
 ROUNDED_ONCE = {
     "mean": dict(reduction="mean"),
     "sum with class weights": dict(reduction="sum", class_weights=True),
@@ -370,6 +381,8 @@ ROUNDED_ONCE = {
     ),
     "mean, temperature": dict(reduction="mean", temperature=0.7),
     "none, summed": dict(reduction="none"),
+    "none, weighted per example": dict(reduction="none", weighted=True),
+    "soft labels, none, weighted": dict(reduction="none", soft=True, weighted=True),
     "soft labels, mean": dict(reduction="mean", soft=True),
     "mean_per_segment": dict(reduction="mean_per_segment", segments=True),
 }
@@ -378,13 +391,16 @@ ROUNDED_ONCE = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", ROUNDED_ONCE)
 def test_item8_16bit_gradient_is_rounded_once(case, dtype):
-    """The loss differentiated as it is gives the correctly rounded gradient
-    (before: 1.0 ulp for a plain mean, 1.41 with class weights, 392 with label
-    smoothing in bfloat16)."""
+    """The loss differentiated as it is, or a "none" loss weighted per example
+    by the caller, gives the correctly rounded gradient (before: 1.0 ulp for a
+    plain mean, 1.41 with class weights, 392 with label smoothing in bfloat16;
+    1.45 for a weighted "none" loss, whose saved gradient the cotangent then
+    scaled)."""
     opts = dict(ROUNDED_ONCE[case])
     soft, segments = opts.pop("soft", False), opts.pop("segments", False)
     rng = np.random.default_rng(8)
     n, c = 24, 40
+    g = jnp.asarray(rng.uniform(0.1, 3, n), "f4") if opts.pop("weighted", 0) else 1
     x = jnp.asarray(rng.normal(size=(n, c)) * 3, dtype)
     if opts.pop("class_weights", False):
         opts["class_weights"] = jnp.asarray(rng.uniform(0.5, 2, c), "f4")
@@ -395,7 +411,7 @@ def test_item8_16bit_gradient_is_rounded_once(case, dtype):
     if segments:
         opts["segment_ids"] = jnp.asarray(np.repeat([0, 1, 2], [5, 8, 11]))
     loss = xj.softmax_cross_entropy if soft else ICE
-    got = jax.grad(lambda v: jnp.sum(loss(v, labels, **opts)))(x)
+    got = jax.grad(lambda v: jnp.sum(g * loss(v, labels, **opts)))(x)
     reduction = opts.pop("reduction")
     segment_ids = opts.pop("segment_ids", None)
     terms = ref.soft_xent_terms if soft else ref.integer_xent_terms
@@ -403,11 +419,11 @@ def test_item8_16bit_gradient_is_rounded_once(case, dtype):
 
     def want_loss(v):
         t = terms(v, labels, segment_ids=segment_ids, **opts)
-        return jnp.sum(ref.reduce_terms(t, reduction, segments=index))
+        return jnp.sum(g * ref.reduce_terms(t, reduction, segments=index))
 
     with float64():
         want = jax.grad(want_loss)(x.astype("f8"))
-        errors = _ulps(np.asarray(got, "f8"), np.asarray(want), dtype)
+        errors = ulps(got, want, dtype)
     # Correctly rounded from float32 arithmetic: half an ulp, and float32's
     # own error (2^-13 ulp of float16) where the exact value is near a tie.
     assert errors.max() <= 0.5 + 2.0**-10, (case, errors.max())

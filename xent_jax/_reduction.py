@@ -125,8 +125,10 @@ def z_term(lse: jax.Array, z_loss: float) -> jax.Array:
     """``z_loss * lse**2``, finite wherever it is: ``lse**2`` overflows float32
     beyond 1.8e19 (a tiny temperature) while ``z lse**2`` may not; there it is
     ``(z lse) lse``. Elsewhere the product keeps its usual form, whose
-    cotangent ``2 z lse`` the kernel's ``cotangent_hint`` reproduces."""
-    square = jnp.square(lse)
+    cotangent ``2 z lse`` the kernel's ``cotangent_hint`` reproduces. The
+    square is ``lse * lse``: ``jnp.square``'s derivative ``2 lse`` overflows
+    first and gave the unused branch ``inf * 0 = NaN`` (issue 28's campaign)."""
+    square = lse * lse
     overflow = jnp.isinf(square) & jnp.isfinite(lse)
     return jnp.where(overflow, (z_loss * lse) * lse, z_loss * square)
 

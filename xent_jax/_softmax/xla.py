@@ -153,8 +153,41 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     inputs = jax.tree.map(lambda a: a.value, inputs)
     out, (xm, e, sum_e, shift, log_se, sum_t, label_xr) = _statistics(inputs, opts)
     x_dtype = inputs.x.dtype
-    a, b = _expected_coefficients(inputs, out.lse, sum_t)
     statistics = (xm, e, sum_e, shift, log_se, x_dtype, opts.temperature)
+    wide = jnp.dtype(x_dtype).itemsize >= 4
+    # The logits are kept for the gradients of soft labels and class weights
+    # (with smoothing: the integer one-hot part needs only x_y); 16-bit ones
+    # also for the entropy's gradient (see _entropy_part), and wherever the
+    # cotangent is not known before the backward pass (a "none" loss, a
+    # per-example transform): the gradient is then recomputed in float32 and
+    # rounded once for any cotangent, where scaling a saved 16-bit gradient
+    # rounded it twice (1.45 ulp), at no measured cost on CPU. float32 logits
+    # keep their softmax for the entropy instead.
+    unknown_cotangent = inputs.hint is None or opts.reduction == "none"
+    needs_x = (
+        (not opts.integer and perturbed.labels is True)
+        or (
+            perturbed.class_weights is True
+            and (not opts.integer or opts.label_smoothing)
+        )
+        or (not wide and (opts.aux or unknown_cotangent))
+    )
+    saved = inputs if needs_x else inputs._replace(x=None)
+    saved = saved._replace(hint=None)
+    expected = None
+    if wide or not needs_x:
+        expected = _expected(inputs, opts, out.lse, statistics, sum_t, label_xr)
+    p_aux = _softmax(*statistics) if opts.aux and wide else None
+    # x_y - shift, for the one-hot part of the class weights' gradient.
+    weights_xr = label_xr if opts.integer and perturbed.class_weights is True else None
+    return out, (saved, expected, p_aux, shift, log_se, sum_t, weights_xr, out.entropy)
+
+
+def _expected(inputs: Inputs, opts, lse, statistics, sum_t, label_xr) -> Expected:
+    """The gradient the reduction's cotangents give, ``(a p - b t) / T``,
+    rounded once to the logits' dtype (see ``_expected_coefficients``)."""
+    xm, log_se = statistics[0], statistics[4]
+    a, b = _expected_coefficients(inputs, lse, sum_t, opts.temperature)
     # Per example, the temperature's 1 / T scales a and b, not each logit.
     a_t, b_t = (_numerics.tempered(c, opts.temperature) for c in (a, b))
     grad = _softmax(*statistics, scale=a_t)
@@ -167,33 +200,15 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
         label_grad = a_t * jnp.exp(label_xs - log_se) - b_t * sum_t
     else:
         grad = grad - b_t[..., None] * tg.targets(inputs, opts, xm.dtype, xm.shape)
-    # The logits are kept only for the gradients of soft labels and class
-    # weights (with smoothing: the integer one-hot part needs only x_y), and
-    # for the entropy's gradient from 16-bit logits (see _entropy_part);
-    # float32 logits keep their softmax for it instead.
-    wide = jnp.dtype(x_dtype).itemsize >= 4
-    needs_x = (
-        (not opts.integer and perturbed.labels is True)
-        or (
-            perturbed.class_weights is True
-            and (not opts.integer or opts.label_smoothing)
-        )
-        or (opts.aux and not wide)
-    )
-    saved = inputs if needs_x else inputs._replace(x=None)
-    saved = saved._replace(hint=None)
-    p_aux = _softmax(*statistics) if opts.aux and wide else None
-    # x_y - shift, for the one-hot part of the class weights' gradient.
-    weights_xr = label_xr if opts.integer and perturbed.class_weights is True else None
-    expected = Expected(grad.astype(x_dtype), a, b, label_grad)
-    return out, (saved, expected, p_aux, shift, log_se, sum_t, weights_xr, out.entropy)
+    return Expected(grad.astype(inputs.x.dtype), a, b, label_grad)
 
 
-def _expected_coefficients(inputs: Inputs, lse, sum_t):
+def _expected_coefficients(inputs: Inputs, lse, sum_t, temperature):
     """``(a, b)`` per example: the gradient the reduction's cotangents
     (``inputs.hint``; 1 for the cross-entropy without one) give is
-    ``(a p - b t) / T``. Where ``a`` is 0 or not finite (examples without
-    scored mass, an infinite ``lse``) it is ``p / T``: ``a = 1, b = 0``, so
+    ``(a p - b t) / T``. Where ``a`` is 0 or ``a / T`` or ``b / T`` not
+    finite (examples without scored mass, an infinite ``lse``, a z-loss's
+    ``lse / T`` at a tiny temperature) it is ``p / T``: ``a = 1, b = 0``, so
     that ``p`` stays recoverable from the residual."""
     scored = inputs.scored
     if inputs.hint is None:
@@ -207,13 +222,14 @@ def _expected_coefficients(inputs: Inputs, lse, sum_t):
         per_unit = inputs.hint.lse_per_unit.astype(sum_t.dtype)
         lse_ct = jnp.where(scored & (per_unit != 0), per_unit * lse, 0)
         a = b * sum_t + lse_ct
-    usable = (a != 0) & jnp.isfinite(a) & jnp.isfinite(b)
+    finite = [jnp.isfinite(_numerics.tempered(c, temperature)) for c in (a, b)]
+    usable = (a != 0) & finite[0] & finite[1]
     return jnp.where(usable, a, 1), jnp.where(usable, b, 0)
 
 
 def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     saved, expected, p_aux, shift, log_se, sum_t, label_xr, entropy = residual
-    x_dtype = expected.grad.dtype  # saved in the logits' dtype
+    x_dtype = (saved.x if expected is None else expected.grad).dtype
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
     coef, label_coef = _stats.logit_coefficients(g_ce, g_lse, sum_t, saved.scored)
@@ -222,7 +238,9 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
         log_p = _log_softmax(saved, opts, shift, log_se)
         pf = jnp.exp(log_p)
     else:
-        log_p, pf = None, p_aux
+        # The float32 softmax kept for the entropy serves only its gradient:
+        # otherwise the saved gradient does, and jit drops p_aux.
+        log_p, pf = None, p_aux if wants_entropy else None
     if pf is None:
         d_x = _from_expected(saved, opts, expected, coef, label_coef, sum_t)
     else:
@@ -262,11 +280,12 @@ def _from_expected(saved: Inputs, opts, expected: Expected, coef, label_coef, su
     mu = coef / expected.a
     nu = _numerics.tempered(mu * expected.b - label_coef, opts.temperature)
     scaled = _stats.softmax_part(mu, expected.grad.astype(dtype))
+    # nu may overflow (label_coef / T) where t is 0: no NaN there.
     if expected.label is None:
         t = tg.targets(saved, opts, dtype, scaled.shape)
-        return scaled + nu[..., None] * t
+        return scaled + _numerics.weighted(t, nu[..., None])
     # One-hot targets: t is sum_t at the label, 0 elsewhere.
-    label = jnp.where(mu == 0, 0, mu * expected.label) + nu * sum_t
+    label = jnp.where(mu == 0, 0, mu * expected.label) + _numerics.weighted(sum_t, nu)
     ids = ClassAxis(opts.axis_name).ids(scaled.shape[-1])
     is_label = ids == saved.labels.ids[..., None]
     return jnp.where(is_label, label[..., None], scaled)
