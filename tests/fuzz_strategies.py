@@ -1765,14 +1765,12 @@ def _total_overflows(case: Case, r: Reference, dtype) -> bool:
 def rounded_once_applies(case: Case) -> bool:
     """Whether the 16-bit logits' gradient must be correctly rounded (issue
     28, item 8): the core loss differentiated as it is (unit cotangent, no
-    differentiated ``lse``) or reduced by ``"none"`` (any cotangent: the
-    gradient is recomputed in float32), ordinary finite rows, a usual
-    temperature."""
+    differentiated ``lse``), ordinary finite rows, a usual temperature."""
     return (
         case.kind in ("integer", "soft")
         and case.dtype in (F16, BF16)
         and "logits" in case.diff
-        and (case.notes.get("unit cotangent", False) or _reduction_of(case) == "none")
+        and case.notes.get("unit cotangent", False)
         and case.lse_cotangent is None
         and case.static.get("implementation") is None
         and case.notes.get("regime") == "unit"

@@ -304,11 +304,16 @@ def _xent_terms(x, t, keep, row_ok, z_loss, temperature=None):
     # No finite kept logit: lse = -inf, with no 0 * inf in the gradient.
     has_mass = s > 0
     lse_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1.0)), -jnp.inf)
-    # lse - x_c; +inf at a -inf logit also when every kept logit is -inf.
-    nl = jnp.where(jnp.isneginf(xs), jnp.inf, lse_s - xs)
+    # T (lse - x_c), in the logits' own units: (x_c - m) / T may overflow
+    # where t_c times it does not (T near the smallest normal), so the sum
+    # is divided by T last. +inf at a -inf logit, also when every kept logit
+    # is -inf.
+    xr = xk - m
+    lse_r = lse_s if temperature is None else lse_s * temperature
+    nl = jnp.where(jnp.isneginf(xr), jnp.inf, lse_r - xr)
     skip = (t == 0) & ~jnp.isfinite(nl)
     nl = jnp.where(skip, 0.0, nl)
-    ce = jnp.sum(jnp.where(skip, 0.0, t * nl), axis=-1)
+    ce = tempered(jnp.sum(jnp.where(skip, 0.0, t * nl), axis=-1), temperature)
     ce = jnp.where(has_nan, jnp.nan, ce)
     lse = (lse_s + tempered(m, temperature))[..., 0]
     if isinstance(z_loss, int | float) and z_loss == 0:
