@@ -33,6 +33,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -41,8 +43,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import xent_jax  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import sharding_checks  # noqa: E402  (the tests' own step and HLO reader)
+
 FULL = (8192, 1024, 131072)  # N, D, V
 SMOKE = (64, 32, 1024)
+BYTES_FULL = (8192, 2304, 256000)  # Gemma-2's head, bfloat16
 MESHES = ((1, 1), (1, 8), (8, 1))
 
 
@@ -134,5 +140,31 @@ def main() -> None:
     )
 
 
+def print_bytes(n: int, d: int, v: int) -> None:
+    """The bytes each device sends per training step: the operands of the
+    compiled step's collectives, a loop's counted once per iteration (see
+    ``sharding_checks.collective_bytes``), beside the logits' and W's size."""
+    mib = 2.0**20
+    dtype = jnp.bfloat16
+    size = jnp.dtype(dtype).itemsize
+    print(
+        f"\nBytes each device sends per value_and_grad step, N={n} D={d} V={v} "
+        f"{jnp.dtype(dtype).name}, 8 devices; logits {n * v * size / mib:,.0f} MiB, "
+        f"W {d * v * size / mib:,.0f} MiB:"
+    )
+    print(f"{'loss':<14} {'split':<20} {'collectives':<40} {'MiB sent':>10}")
+    for parallel in sharding_checks.PARALLEL:
+        for kind in ("fused", "materialised"):
+            hlo = sharding_checks.step_hlo(kind, parallel, n, d, v, dtype)
+            found = sharding_checks.collective_bytes(hlo)
+            ops = ", ".join(
+                f"{count} {op} (largest {largest / mib:,.1f} MiB)"
+                for op, (count, _, largest) in found.items()
+            )
+            total = sum(t for _, t, _ in found.values())
+            print(f"{kind:<14} {parallel:<20} {ops:<40} {total / mib:>10,.1f}")
+
+
 if __name__ == "__main__":
     main()
+    print_bytes(*(SMOKE if "--smoke" in sys.argv else BYTES_FULL))

@@ -102,6 +102,79 @@ def collectives(hlo: str) -> dict[str, int]:
     return largest
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_TYPED_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group of a collective's HLO line (1 if none)."""
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if iota:
+        return int(iota[2])
+    listed = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    return len(listed[1].split(",")) if listed else 1
+
+
+def _executions(hlo: str) -> tuple[dict[int, str], dict[str, int]]:
+    """``(computation of each line, executions of each computation)``: a
+    while loop's body runs its ``known_trip_count`` times per run of the
+    computation holding the loop (1 where the count is not known), a called
+    computation once per call."""
+    owner, parent, trips, current = {}, {}, {}, None
+    for number, line in enumerate(hlo.splitlines()):
+        head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            current = head[1]
+            continue
+        owner[number] = current
+        body = re.search(r"\bbody=%([\w.\-]+)", line)
+        if body:
+            count = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            parent[body[1]], trips[body[1]] = current, int(count[1]) if count else 1
+        for called in re.findall(r"\b(?:calls|to_apply)=%([\w.\-]+)", line):
+            parent.setdefault(called, current)
+
+    def runs(name, depth=0):
+        if name not in parent or depth > 64:
+            return 1
+        return trips.get(name, 1) * runs(parent[name], depth + 1)
+
+    return owner, {name: runs(name) for name in set(owner.values()) if name}
+
+
+def collective_bytes(hlo: str) -> dict[str, tuple[int, int, int]]:
+    """``{kind: (count, bytes, largest)}`` of the collectives one run of
+    ``hlo`` executes, per device: their operands' bytes summed over every
+    execution (a loop's body counts its trip count times; an all-gather's
+    operand is its result over the group, a reduce-scatter's its result times
+    the group, an async start's type holds the operand first), and the
+    largest single operand in bytes."""
+    owner, runs = _executions(hlo)
+    found: dict[str, tuple[int, int, int]] = {}
+    for number, line in enumerate(hlo.splitlines()):
+        match = _COLLECTIVE.search(line)
+        if match is None:
+            continue
+        sizes = [
+            _BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
+            * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dtype, dims in _TYPED_SHAPE.findall(match["type"])
+        ]
+        op, group = match["op"], _group_size(line)
+        if f"{op}-start(" in line and op != "all-reduce":
+            size = sizes[0]
+        elif op == "all-gather":
+            size = sum(sizes) // group
+        elif op == "reduce-scatter":
+            size = sum(sizes) * group
+        else:
+            size = sum(sizes)
+        times = runs.get(owner.get(number), 1)
+        count, total, largest = found.get(op, (0, 0, 0))
+        found[op] = (count + times, total + times * size, max(largest, size))
+    return found
+
+
 def _assert_only_scalars_move(hlo, per_device_logits, what, allow_all_reduce=None):
     """No all-gather / all-to-all of anything near logits-size; all-reduces of
     per-example scalars only (or up to ``allow_all_reduce`` elements)."""
@@ -900,6 +973,71 @@ def case_segments_data_parallel():
         )(hid, w, tokens, seg)
         worst = max(worst, _close(got, want, f"{name} mean_per_segment"))
     return {"max_abs_error": worst}
+
+
+# --- the bytes each step sends (issue 29) -----------------------------------------
+
+PARALLEL = {  # mesh (data, model), x's and w's specs, the loss's axes
+    "vocabulary-parallel": ((1, 8), P(), P(None, "model"), dict(axis_name="model")),
+    "data-parallel": ((8, 1), P("data"), P(), dict(reduction_axis_name="data")),
+}
+
+
+def step_hlo(kind: str, parallel: str, n: int, d: int, v: int, dtype) -> str:
+    """Compiled HLO of value_and_grad (w.r.t. x and w) of the mean loss on 8
+    devices: the fused loss under ``shard_map`` with its axes (``kind =
+    "fused"``), or optax's on the materialised ``x @ w`` under GSPMD with the
+    same shardings (``"materialised"``). Compiled only: nothing this size is
+    allocated."""
+    import optax
+
+    shape, x_spec, w_spec, axes = PARALLEL[parallel]
+    mesh = _mesh(shape)
+    y_spec = P("data") if x_spec == P("data") else P()
+    if kind == "fused":
+        loss = jax.shard_map(
+            lambda x, w, y: xent_jax.linear_cross_entropy(x, w, y, **axes),
+            mesh=mesh,
+            in_specs=(x_spec, w_spec, y_spec),
+            out_specs=P(),
+        )
+    else:
+
+        def loss(x, w, y):
+            logits = (x @ w).astype(jnp.float32)
+            ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y)
+            return ce.mean()
+
+    def spec(shape_, p, dt=dtype):
+        return jax.ShapeDtypeStruct(shape_, dt, sharding=NamedSharding(mesh, p))
+
+    args = (spec((n, d), x_spec), spec((d, v), w_spec), spec((n,), y_spec, jnp.int32))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return fn.lower(*args).compile().as_text()
+
+
+def case_collective_bytes():
+    """Neither way of splitting the fused loss moves anything of the logits'
+    size (N V) or W's (D V) between devices, except dW's own all-reduce when
+    W is replicated (data-parallel); the materialised loss's collectives are
+    reported beside it."""
+    n, d, v = 256, 64, 4096
+    report = {}
+    for parallel in PARALLEL:
+        for kind in ("fused", "materialised"):
+            found = collective_bytes(step_hlo(kind, parallel, n, d, v, jnp.float32))
+            report[f"{kind}, {parallel}"] = found
+            if kind != "fused":
+                continue
+            for op, (_, total, largest) in found.items():
+                # dW's own all-reduce (W replicated): once W's bytes in all.
+                dw_reduction = parallel == "data-parallel" and op == "all-reduce"
+                limit = 4 * (d * v + n if dw_reduction else min(n * v, d * v) // 8)
+                assert (total if dw_reduction else largest) <= limit, (parallel, found)
+            # Only all-reduces: no reduce-scatter, which gloo corrupted across
+            # processes at ~4 MiB (jax#40830).
+            assert set(found) == {"all-reduce"}, (parallel, found)
+    return report
 
 
 CASES = {

@@ -37,6 +37,7 @@ CASES = (
     "label_range",
     "reduction_axis_checks",
     "segments_data_parallel",
+    "collective_bytes",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 
