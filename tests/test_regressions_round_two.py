@@ -264,22 +264,27 @@ def test_item5_tiny_temperature_products_of_overflowing_distances(impl):
     np.testing.assert_allclose(d_weights, want, **one)
 
 
-def test_item5_tiny_temperature_z_loss_gradient_has_no_nan():
+@pytest.mark.parametrize("soft", [False, True])
+def test_item5_tiny_temperature_z_loss_gradient_has_no_nan(soft):
     """Found by issue 28's campaign: at T = 2^-126 with a z-loss, lse / T
-    overflows the saved gradient's scale and ``jnp.square``'s derivative ``2
-    lse`` overflowed in the z-term's unused branch: NaN on every logit. The
-    gradient is ``g ((1 + 2 z lse) p - t) / T``: infinite at the row's
+    overflows the saved gradient's scale, ``jnp.square``'s derivative ``2
+    lse`` overflowed in the z-term's unused branch, and a cotangent of -2
+    times lse overflowed before z scaled it: NaN on every logit of the row.
+    The gradient is ``g ((1 + 2 z lse) p - t) / T``: infinite at the row's
     maximum, ``-g / T`` at a label that is not, 0 elsewhere."""
     t_inv = 2.0**126
     x = jnp.array([[1.28, 0.21, -1.07, 0.72, 2.61], [1.89, -1.41, -2.53, -1.25, 0.08]])
-    labels = jnp.array([[0, 0, 0, 0, 1.0], [0, 0, 0, 1.0, 0]])
-    g = jnp.array([-0.5, 0.75])
+    labels = jnp.array([4, 3])
+    if soft:
+        labels = jax.nn.one_hot(labels, 5)
+    g = jnp.array([-2.0, 0.75])
+    loss = SCE if soft else ICE
 
-    def loss(v):
-        return jnp.sum(g * SCE(v, labels, z_loss=1e-3, temperature=1 / t_inv))
+    def total(v):
+        return jnp.sum(g * loss(v, labels, z_loss=1e-3, temperature=1 / t_inv))
 
     want = [[0, 0, 0, 0, -np.inf], [np.inf, 0, 0, -0.75 * t_inv, 0]]
-    np.testing.assert_allclose(jax.grad(loss)(x), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(total)(x), want, rtol=1e-6)
 
 
 BOOLEAN_OPTIONS = {

@@ -121,16 +121,26 @@ def reduce_loss(
     return functools.reduce(jnp.add, means)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def z_term(lse: jax.Array, z_loss: float) -> jax.Array:
     """``z_loss * lse**2``, finite wherever it is: ``lse**2`` overflows float32
     beyond 1.8e19 (a tiny temperature) while ``z lse**2`` may not; there it is
-    ``(z lse) lse``. Elsewhere the product keeps its usual form, whose
-    cotangent ``2 z lse`` the kernel's ``cotangent_hint`` reproduces. The
-    square is ``lse * lse``: ``jnp.square``'s derivative ``2 lse`` overflows
-    first and gave the unused branch ``inf * 0 = NaN`` (issue 28's campaign)."""
+    ``(z lse) lse``. Elsewhere the product keeps its usual form. Its
+    derivative is ``_z_term_jvp``'s."""
     square = lse * lse
     overflow = jnp.isinf(square) & jnp.isfinite(lse)
     return jnp.where(overflow, (z_loss * lse) * lse, z_loss * square)
+
+
+@z_term.defjvp
+def _z_term_jvp(z_loss, primals, tangents):
+    """``z (lse (2 t))``: transposed, a cotangent ``g`` becomes ``2 ((z g)
+    lse)``, scaled by ``z`` first, so that neither ``g lse`` nor ``2 lse``
+    overflows where the result does not (issue 28's campaign: NaN on every
+    logit at ``T = 2^-126``); bit for bit the ``(2 z g) lse`` of the kernel's
+    ``cotangent_hint``."""
+    (lse,), (t,) = primals, tangents
+    return z_term(lse, z_loss), z_loss * (lse * (2 * t))
 
 
 def reduce_softmax(

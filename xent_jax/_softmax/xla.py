@@ -276,7 +276,8 @@ def _from_expected(saved: Inputs, opts, expected: Expected, coef, label_coef, su
     """
     dtype = sum_t.dtype
     mu = coef / expected.a
-    nu = _numerics.tempered(mu * expected.b - label_coef, opts.temperature)
+    mu_b = _numerics.weighted(expected.b, mu)  # b = 0: no inf * 0
+    nu = _numerics.tempered(mu_b - label_coef, opts.temperature)
     scaled = _stats.softmax_part(mu, expected.grad.astype(dtype))
     # nu may overflow (label_coef / T) where t is 0: no NaN there.
     if expected.label is None:
