@@ -15,33 +15,16 @@ from __future__ import annotations
 import os
 import sys
 
-port, num_processes, process_id, local_devices = map(int, sys.argv[1:5])
-FAULT = sys.argv[5:] == ["fault"]  # the last process exits before a collective
-# How soon the survivors learn of a dead process (JAX's default: 100 s); only
-# the fault case shortens it, so that a loaded machine never trips it.
-HEARTBEAT_TIMEOUT_S = 10 if FAULT else 100
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-
-jax.distributed.initialize(
-    f"127.0.0.1:{port}",
-    num_processes=num_processes,
-    process_id=process_id,
-    initialization_timeout=60,
-    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-)
-if FAULT and process_id == num_processes - 1:
-    os._exit(3)  # no shutdown: as a process that dies
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import xent_jax as xj  # noqa: E402
+# xent_jax is imported once the runtime is up (main): importing it creates
+# arrays, which starts the backend, and initialize must come first.
+xj = None
 
 N, D, V = 16, 8, 64
 RTOL, ATOL = 2e-5, 2e-6
@@ -280,7 +263,26 @@ def training_loop(devices):
     _check("adamw on a vocabulary-parallel LM head, 3 steps", got, want)
 
 
-def main():
+def main(argv: list[str]) -> None:
+    """Joins the runtime (the launcher sets ``XLA_FLAGS`` for the local CPU
+    devices) and runs every case; with ``fault`` the last process exits
+    right after joining, before any collective."""
+    port, num_processes, process_id, local_devices = map(int, argv[:4])
+    fault = argv[4:] == ["fault"]
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+        # How soon the others learn of a dead process (JAX's default: 100 s);
+        # only the fault case shortens it, so a loaded machine never trips it.
+        heartbeat_timeout_seconds=10 if fault else 100,
+    )
+    if fault and process_id == num_processes - 1:
+        os._exit(3)  # no shutdown: as a process that dies
+    global xj
+    import xent_jax as xj
+
     devices = jax.device_count()
     assert devices == num_processes * local_devices, devices
     fused_cases(devices)
@@ -291,4 +293,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -30,9 +30,9 @@ def _launch(num_processes: int, local_devices: int, *extra: str, timeout=TIMEOUT
     """Runs the worker in ``num_processes`` processes; returns their outputs
     and exit statuses (None: killed at the timeout)."""
     port = _free_port()
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")
-    }
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
     procs = [
         subprocess.Popen(
             [
