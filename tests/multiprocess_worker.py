@@ -212,6 +212,46 @@ def core_class_sharded(devices):
         _check(f"softmax {name}-sharded", _gathered(got), want)
 
 
+def uneven_vocabulary(devices):
+    """A vocabulary that the mesh does not divide (V - 2 classes over every
+    device): ``shard_map`` refuses ``w`` with JAX's error naming the
+    argument and both sizes; padded to a multiple with ``num_classes`` (as
+    docs/many_devices.md shows), the loss is the unpadded one-process loss
+    and the padding's dW is zero."""
+    d = DATA
+    v = V - 2
+    w, labels = d["w"][:, :v], np.where(d["labels"] < v, d["labels"], 0)
+    mesh = jax.make_mesh((devices,), ("v",))
+
+    def loss(x, w, labels, **opts):
+        return xj.linear_cross_entropy(
+            x, w, labels, ignore_index=-100, label_smoothing=0.1, **opts
+        )
+
+    def sharded(w):
+        fn = jax.shard_map(
+            lambda x, w, y: loss(x, w, y, axis_name="v", num_classes=v),
+            mesh=mesh,
+            in_specs=(P(), P(None, "v"), P()),
+            out_specs=P(),
+        )
+        return jax.value_and_grad(fn, argnums=(0, 1))(d["x"], w, labels)
+
+    try:
+        sharded(w)
+    except ValueError as e:
+        assert f"does not evenly divide {v}" in str(e) and "'w'" in str(e), e
+    else:
+        raise AssertionError("shard_map accepted a vocabulary the mesh does not divide")
+    print("PASS uneven vocabulary refused by shard_map", flush=True)
+    padded = np.pad(w, ((0, 0), (0, V - v)))
+    got = jax.jit(sharded)(_global(mesh, P(None, "v"), padded))
+    want = _one_process(jax.value_and_grad(loss, argnums=(0, 1)), d["x"], w, labels)
+    value, (dx, dw) = _gathered(got)
+    assert not dw[:, v:].any(), "the padded columns got a gradient"
+    _check("uneven vocabulary padded, num_classes", (value, (dx, dw[:, :v])), want)
+
+
 def training_loop(devices):
     """Three adamw steps of a small LM head (a tanh layer, then the fused loss
     vocabulary-parallel over every process's devices): every process ends with
@@ -266,17 +306,22 @@ def training_loop(devices):
 def main(argv: list[str]) -> None:
     """Joins the runtime (the launcher sets ``XLA_FLAGS`` for the local CPU
     devices) and runs every case; with ``fault`` the last process exits
-    right after joining, before any collective."""
+    right after joining, before any collective; ``wrong-count`` only
+    shortens the timeouts (the launcher starts fewer processes than
+    ``NUM_PROCESSES``)."""
     port, num_processes, process_id, local_devices = map(int, argv[:4])
     fault = argv[4:] == ["fault"]
+    # The bad-setup cases ("fault", "wrong-count") shorten how long a process
+    # waits for the others to join (JAX's default: 300 s) and how soon it
+    # learns of a dead one (100 s); the passing runs keep long timeouts, so a
+    # loaded machine never trips them.
+    short = bool(argv[4:])
     jax.distributed.initialize(
         f"127.0.0.1:{port}",
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=60,
-        # How soon the others learn of a dead process (JAX's default: 100 s);
-        # only the fault case shortens it, so a loaded machine never trips it.
-        heartbeat_timeout_seconds=10 if fault else 100,
+        initialization_timeout=10 if short else 60,
+        heartbeat_timeout_seconds=10 if short else 100,
     )
     if fault and process_id == num_processes - 1:
         os._exit(3)  # no shutdown: as a process that dies
@@ -288,6 +333,7 @@ def main(argv: list[str]) -> None:
     fused_cases(devices)
     gspmd_cases(devices)
     core_class_sharded(devices)
+    uneven_vocabulary(devices)
     training_loop(devices)
     jax.distributed.shutdown()
 

@@ -26,9 +26,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(num_processes: int, local_devices: int, *extra: str, timeout=TIMEOUT_S):
-    """Runs the worker in ``num_processes`` processes; returns their outputs
-    and exit statuses (None: killed at the timeout)."""
+def _launch(
+    num_processes: int,
+    local_devices: int,
+    *extra: str,
+    timeout=TIMEOUT_S,
+    declared: int | None = None,
+):
+    """Runs the worker in ``num_processes`` processes, each told there are
+    ``declared`` (default: ``num_processes``); returns their outputs and exit
+    statuses (None: killed at the timeout)."""
     port = _free_port()
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
@@ -39,7 +46,7 @@ def _launch(num_processes: int, local_devices: int, *extra: str, timeout=TIMEOUT
                 sys.executable,
                 str(WORKER),
                 str(port),
-                str(num_processes),
+                str(declared or num_processes),
                 str(i),
                 str(local_devices),
                 *extra,
@@ -79,7 +86,7 @@ def test_losses_across_processes_equal_one_process(num_processes, local_devices)
     assert codes == [0] * num_processes, _report(outputs, codes)
     for out in outputs:
         passed = [line for line in out.splitlines() if line.startswith("PASS ")]
-        assert len(passed) == 13, _report(outputs, codes)
+        assert len(passed) == 15, _report(outputs, codes)
 
 
 @pytest.mark.slow
@@ -95,3 +102,30 @@ def test_a_dying_process_fails_the_others_with_a_clear_error():
     for out, code in zip(outputs[:-1], codes[:-1], strict=True):
         assert code not in (0, None), report
         assert "stopped sending heartbeats" in out, report
+
+
+@pytest.mark.slow
+def test_a_missing_process_fails_the_others_at_the_initialization_timeout():
+    """A wrong ``num_processes`` (3 declared, 2 started): the processes that
+    did start fail in ``jax.distributed.initialize`` once its
+    ``initialization_timeout`` (the worker sets 10 s) has passed, with the
+    runtime's ``DEADLINE_EXCEEDED`` on ``RegisterTask``, instead of waiting
+    forever; the error does not say how many joined (docs/many_devices.md)."""
+    outputs, codes = _launch(2, 2, "wrong-count", timeout=120, declared=3)
+    report = _report(outputs, codes)
+    for out, code in zip(outputs, codes, strict=True):
+        assert code not in (0, None), report
+        assert "DEADLINE_EXCEEDED" in out and "RegisterTask" in out, report
+        assert "PASS" not in out, report
+
+
+def test_a_process_id_past_num_processes_is_refused():
+    """Too many processes for ``num_processes``: the extra one is refused at
+    once with a ValueError naming both numbers."""
+    worker = [sys.executable, str(WORKER), str(_free_port()), "2", "2", "1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        worker, capture_output=True, text=True, env=env, timeout=TIMEOUT_S
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Got process_id=2, num_processes=2" in done.stderr, done.stderr
