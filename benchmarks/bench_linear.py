@@ -11,13 +11,15 @@ device, threads, load average and date:
   bytes of one float32 logits array for scale, and the fused loss on a tied
   embedding ``emb`` [V, D] passed as ``emb.T`` (W's size if it were copied);
 * the GEMM floor, per shape and dtype: the median rate of matmuls in the dtype
-  with float32 accumulation, ``[1024, D] @ [D, 1024]`` and the three products
+  with float32 accumulation, ``[1024, D] @ [D, 1024]``, the full ``[N, D] @
+  [D, V]`` (optax's forward product, so that the floor is never above
+  optax's time) and the three products
   of one block of the fused loss (``x @ w``, ``g @ wᵀ``, ``xᵀ @ g`` at its
   ``[token_block, vocab_block]``), for 16-bit data also ``x @ w`` with the
-  block converted to float32 first ("upcast"); the best rate R at the shape,
-  over every dtype of the run (on a CPU a 16-bit product runs as a float32
-  one, so a per-dtype R differed only by the GEMMs' own noise), gives the
-  floor ``6 N D V / R``: the three matmuls of autodiff at that rate;
+  block converted to float32 first ("upcast"); the best rate R at the shape
+  and dtype gives the floor ``6 N D V / R``: the three matmuls of autodiff at
+  that rate (per dtype: XLA CPU runs some bfloat16 products 2-4x faster than
+  float32 ones on CPUs with bfloat16 units, 740-935 GFLOP/s on this one);
 * time, in float32 and bfloat16 at N=2048, D=512, V=32768 and N=1024, D=256,
   V=131072 (``--shapes``), timed together with the GEMMs: the median time of
   xent (default), xent with ``filter_threshold`` on the same random data,
@@ -29,6 +31,13 @@ device, threads, load average and date:
   compiled temporary memory of the JAX rows. A PyTorch call estimated (from
   one call on N/8 rows) to take over ``--torch-max-seconds`` runs on N/k rows
   and its time is multiplied by k; the row says so ("(N/8, x8)");
+* unscored rows (``skip_unscored=True``, issue 30), at the time shapes and
+  dtypes: the step with 0, 25, 50, 75 and 90% of the rows ignored at random
+  positions, and packed prompt-then-answer sequences (``--prompt-answer``:
+  8 sequences of N/8 tokens, two segments each, ``shift=1``, the first half
+  of each segment a prompt masked by ``where``; about 51% unscored with the
+  segments' last tokens), each over the default loss with every row scored,
+  timed together in the same rotation, with the compiled temporary memory;
 * gradient filtering on a realistic distribution: logits ``x @ w`` with a
   Zipfian profile over frequency-ordered ids (id 0 the most frequent, as in
   BPE vocabularies) plus N(0, 1) noise per logit, scaled so that their mean
@@ -328,6 +337,7 @@ def gemms(n: int, d: int, v: int, dtype, block_size) -> dict:
     tb, vb = block_dims(block_size, n, v, d)
     specs = {  # lhs shape, rhs shape, contracting dims
         "1024x1024": ((1024, d), (d, 1024), ((1,), (0,))),
+        "full x@w": ((n, d), (d, v), ((1,), (0,))),  # optax's own product
         "x@w": ((tb, d), (d, vb), ((1,), (0,))),
         "g@wT": ((tb, vb), (d, vb), ((1,), (1,))),
         "xT@g": ((tb, d), (tb, vb), ((0,), (0,))),
@@ -367,6 +377,74 @@ def measure(shape, dtype, opts, torch) -> dict:
     return dict(times=t, temp=temp, gemm=rates)
 
 
+UNSCORED = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
+def _skipping(shape, dtype, **opts):
+    n, d, v = shape
+    x, w = (jax.ShapeDtypeStruct(s, dtype) for s in ((n, d), (d, v)))
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def loss(x, w, y):
+        return linear_cross_entropy(x, w, y, ignore_index=-100, **opts)
+
+    return compiled(loss, x, w, y)
+
+
+def _packed(shape, dtype):
+    """The step on 8 packed sequences of two segments, prompts masked."""
+    n, d, v = shape
+    seq = n // 8
+    half = seq // 2
+    pos = np.arange(seq) % half
+    segments = np.repeat((np.arange(seq) // half + 1)[None], 8, 0)
+    where = np.repeat((pos >= half // 2)[None], 8, 0)
+    opts = dict(shift=1, segment_ids=segments, where=where, skip_unscored=True)
+
+    def loss(x, w, y):
+        x, y = x.reshape(8, seq, d), y.reshape(8, seq)
+        return linear_cross_entropy(x, w, y, **opts)
+
+    x, w = (jax.ShapeDtypeStruct(s, dtype) for s in ((n, d), (d, v)))
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    scored = where[:, :-1] & (segments[:, :-1] == segments[:, 1:])
+    return compiled(loss, x, w, y), 1 - scored.sum() / where.size
+
+
+def unscored(shape, dtype, opts) -> dict:
+    """Times and temp memory of the skipping loss at each share of unscored
+    rows, and of packed prompt-answer sequences, beside every row scored."""
+    x, w, y = random_data(*shape, dtype)
+    rng = np.random.default_rng(2)
+    fns, temp, args = {}, {}, {}
+    fns["all scored"], temp["all scored"] = _skipping(shape, dtype)
+    args["all scored"] = (x, w, y)
+    for share in UNSCORED:
+        name = f"skip, {share:.0%} unscored"
+        fns[name], temp[name] = _skipping(shape, dtype, skip_unscored=True)
+        ignored = rng.permutation(shape[0])[: round(share * shape[0])]
+        args[name] = (x, w, y.at[ignored].set(-100))
+    (fns["packed"], temp["packed"]), packed_share = _packed(shape, dtype)
+    args["packed"] = (x, w, y)
+    t = median_times(fns, args, opts.repeats, opts.min_seconds)
+    return dict(times=t, temp=temp, packed=packed_share)
+
+
+def print_unscored(results: dict) -> None:
+    rows = []
+    for ((n, d, v), dt), r in results.items():
+        t = r["times"]
+        for name, s in t.items():
+            label = name
+            if name == "packed":
+                label = f"skip, prompt-answer packed ({r['packed']:.0%} unscored)"
+            ratio = f"{s / t['all scored']:.2f}"
+            rows.append([f"{n}x{d}x{v}", dt, label, f"{s * 1e3:.0f}", ratio])
+            rows[-1].append(f"{r['temp'][name]:.1f}")
+    header = ["N x D x V", "dtype", "row", "ms", "/ all scored", "temp MiB"]
+    table(header, rows)
+
+
 def _numpy(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
 
@@ -391,15 +469,13 @@ def filtering(shape, dtype, opts) -> dict:
 # --- printing -----------------------------------------------------------------
 
 
-GEMMS = ["1024x1024", "x@w", "g@wT", "xT@g", "x@w upcast"]
+GEMMS = ["1024x1024", "full x@w", "x@w", "g@wT", "xT@g", "x@w upcast"]
 
 
 def share_floor(results: dict) -> dict:
-    """Each row's ``R``: the best GEMM rate at its shape over every dtype."""
-    for (shape, _), r in results.items():
-        r["R"] = max(
-            max(q["gemm"].values()) for (s, _), q in results.items() if s == shape
-        )
+    """Each row's ``R``: the best GEMM rate at its shape and dtype."""
+    for r in results.values():
+        r["R"] = max(r["gemm"].values())
     return results
 
 
@@ -411,7 +487,7 @@ def print_floor(results: dict) -> None:
         floor_ms = 6 * n * d * v / r["R"] / 1e6
         rows.append([f"{n}x{d}x{v}", dt, *rates, f"{r['R']:.0f}", f"{floor_ms:.0f}"])
     header = [f"{k} GFLOP/s" for k in GEMMS]
-    table(["N x D x V", "dtype", *header, "R GFLOP/s (shape)", "floor ms"], rows)
+    table(["N x D x V", "dtype", *header, "R GFLOP/s", "floor ms"], rows)
 
 
 TIME_HEADER = "N x D x V | dtype | row | ms | GFLOP/s | / optax | / floor | temp MiB"
@@ -508,6 +584,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--skip-filtering", action="store_true")
+    p.add_argument("--skip-unscored-table", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument(
         "--torch-max-seconds",
@@ -563,6 +640,8 @@ def main() -> None:
         share_floor(results)
         print_floor(results)
         print_times(results)
+    if not opts.skip_unscored_table:
+        print_unscored(run("unscored rows", unscored, opts))
     if not opts.skip_filtering:
         print_filtering(run("filtering", filtering, opts))
 

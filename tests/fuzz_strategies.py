@@ -377,7 +377,7 @@ def _bool_option(draw, name, value=None):
 
 def refused_bool_options(case) -> tuple[str, ...]:
     """The boolean options given as anything but a bool or np.bool_."""
-    names = ("return_aux", "return_lse")
+    names = ("return_aux", "return_lse", "skip_unscored")
     return tuple(
         n
         for n in names
@@ -762,6 +762,8 @@ def draw_linear_case(draw):
     outputs = draw(st.sampled_from([None, "lse", "aux"]), label="outputs")
     static["return_lse"] = _bool_option(draw, "return_lse", outputs == "lse")
     static["return_aux"] = _bool_option(draw, "return_aux", outputs == "aux")
+    if draw(st.booleans(), label="skip_unscored drawn"):
+        static["skip_unscored"] = _bool_option(draw, "skip_unscored")
     if outputs == "aux" and draw(st.booleans(), label="coarse filter"):
         # A threshold that skips blocks: the filter must be off while the
         # entropy (differentiated with return_aux) has a cotangent, exact
@@ -1799,16 +1801,17 @@ def _compare_aux(case: Case, aux, r: Reference, stats):
     shape = np.shape(ref_aux.lse)
     scored = np.stack([t.scored for t in r.terms]).reshape(shape).astype(bool)
     assert_match(aux.scored, scored, 0.0, "aux.scored")
+    skipped = _skipped_rows(case, aux, scored)
     lse_tol = np.stack([K * e * s_.lse for s_ in stats]).reshape(shape)
     no_mass = np.isneginf(ref_aux.lse)
     lse_ref = _expected_in_dtype(ref_aux.lse, np.asarray(aux.lse).dtype)
-    assert_match(aux.lse, lse_ref, lse_tol, "aux.lse", skip=no_mass)
-    if np.any(no_mass & (np.asarray(aux.lse) != 0)):
+    assert_match(aux.lse, lse_ref, lse_tol, "aux.lse", skip=no_mass | skipped)
+    if np.any(no_mass & ~skipped & (np.asarray(aux.lse) != 0)):
         raise Mismatch(f"aux.lse: rows without mass must be 0, got {aux.lse}")
     ent_tol = np.stack([K * e * s_.spread for s_ in stats]).reshape(shape)
-    assert_match(aux.entropy, ref_aux.entropy, ent_tol, "aux.entropy")
+    assert_match(aux.entropy, ref_aux.entropy, ent_tol, "aux.entropy", skip=skipped)
     n = len(r.logits)
-    argmax = np.asarray(aux.argmax).reshape(n, -1)
+    argmax = np.where(skipped, ref_aux.argmax, aux.argmax).reshape(n, -1)
     for i, (z, keep, t) in enumerate(r.logits):
         z = z / (t or 1.0)
         keep = np.broadcast_to(keep, z.shape).reshape(-1, z.shape[-1])
@@ -1820,6 +1823,20 @@ def _compare_aux(case: Case, aux, r: Reference, stats):
     target = _aux_target(case, r).reshape(shape)
     want = scored & (np.asarray(aux.argmax) == target)
     assert_match(aux.correct, want, 0.0, "aux.correct")
+
+
+def _skipped_rows(case: Case, aux, scored):
+    """The rows ``skip_unscored`` leaves out (the unscored ones, with the
+    default implementation): their ``lse``, entropy and argmax must be 0."""
+    skip = case.static.get("skip_unscored") and case.static.get("implementation") in (
+        None,
+        "xla",
+    )
+    skipped = ~scored if skip else np.zeros_like(scored)
+    for name in ("lse", "entropy", "argmax"):
+        if np.any(np.asarray(getattr(aux, name))[skipped] != 0):
+            raise Mismatch(f"aux.{name} of unscored rows skipped must be 0")
+    return skipped
 
 
 def _check_argmax(got, z, keep, tol, ref_argmax):

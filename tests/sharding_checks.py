@@ -1040,6 +1040,60 @@ def case_collective_bytes():
     return report
 
 
+def case_skip_unscored():
+    """``skip_unscored=True`` with half the rows unscored (issue 30), under
+    ``shard_map`` on every mesh (vocabulary- and data-parallel at once: each
+    device partitions its own rows) and under GSPMD: values and gradients
+    equal one device's without it; ``shard_map`` moves only all-reduces, and
+    neither moves anything of the logits' or W's size but the gradients'
+    own all-reduces (dx's parts, N D, and dW's over "data")."""
+    rng = np.random.default_rng(12)
+    n, dim, v = 64, 8, 8 * C
+    x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(dim, v)) * 0.5, jnp.float32)
+    y = rng.integers(0, v, n).astype(np.int32)
+    y[rng.random(n) < 0.5] = -100
+    y[:8] = -100  # a data shard with fewer scored rows than the others
+    y = jnp.asarray(y)
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, block_size=(4, 2))
+
+    def loss(x, w, y, **kw):
+        return xent_jax.linear_cross_entropy(x, w, y, **opts, **kw)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1))
+    want = jax.jit(vg)(x, w, y)
+    axes = dict(axis_name="model", reduction_axis_name="data", skip_unscored=True)
+    report = {}
+    for shape in MESHES:
+        mesh = _mesh(shape)
+        specs = (P("data"), P(None, "model"), P("data"))
+        args = [
+            jax.device_put(a, NamedSharding(mesh, s))
+            for a, s in zip((x, w, y), specs, strict=True)
+        ]
+        sharded = jax.shard_map(
+            jax.value_and_grad(lambda x, w, y: loss(x, w, y, **axes), argnums=(0, 1)),
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=(P(), (P("data"), P(None, "model"))),
+        )
+        gspmd = jax.value_and_grad(
+            lambda x, w, y: loss(x, w, y, skip_unscored=True), argnums=(0, 1)
+        )
+        for kind, fn in (("shard_map", sharded), ("gspmd", gspmd)):
+            compiled = jax.jit(fn).lower(*args).compile()
+            key = f"{kind} {shape[0]}x{shape[1]}"
+            err = _close(compiled(*args), want, key, rtol=1e-4, atol=1e-5)
+            found = collective_bytes(compiled.as_text())
+            for op, (_, _, largest) in found.items():
+                own = n * dim + dim * v // shape[1] if op == "all-reduce" else 0
+                assert largest <= 4 * max(own, min(n * v, dim * v) // 8), (key, found)
+            if kind == "shard_map":
+                assert set(found) <= {"all-reduce"}, (key, found)
+            report[key] = {"max_abs_error": err, "collectives": found}
+    return report
+
+
 CASES = {
     name[len("case_") :]: fn
     for name, fn in globals().items()

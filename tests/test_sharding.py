@@ -38,6 +38,7 @@ CASES = (
     "reduction_axis_checks",
     "segments_data_parallel",
     "collective_bytes",
+    "skip_unscored",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 

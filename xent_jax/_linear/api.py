@@ -45,14 +45,18 @@ Implementation = Literal["xla", "blockwise", "reference"]
 ArrayLike = jax.typing.ArrayLike
 
 
-def _per_example(x, w, bias, labels, class_weights, opts, *, impl, block_size, rows):
+def _per_example(
+    x, w, bias, labels, class_weights, opts, *, impl, block_size, rows, skip_unscored
+):
     """Per-example kernel outputs with ``x``'s leading shape (``w`` is ``[V,
     D]`` when ``rows``); the layout is chosen from this device's shapes."""
     d, v_local = w.shape[::-1] if rows else w.shape
     x2 = x.reshape(-1, d)
     flat = Labels(*(f.reshape(-1) for f in labels))
     padded = opts.num_classes < v_local * ClassAxis(opts.axis_name).num_shards()
-    lay = layout.choose(block_size, x2.shape[0], v_local, d, rows, padded)
+    lay = layout.choose(
+        block_size, x2.shape[0], v_local, d, rows, padded, skip_unscored
+    )
     out = impl(x2, w, bias, flat, class_weights, opts, lay)
     return jax.tree.map(lambda a: a.reshape(x.shape[:-1]), out)
 
@@ -134,6 +138,7 @@ def linear_cross_entropy(
     segment_ids: ArrayLike | None = None,
     segment_padding_id: int | None = None,
     where: ArrayLike | None = None,
+    skip_unscored: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, Aux]:
     r"""Cross-entropy of ``x @ w + bias`` without materialising the logits.
 
@@ -252,6 +257,17 @@ def linear_cross_entropy(
         get no loss, no gradient and leave the means' denominators. A
         per-class mask would need the ``[..., V]`` logits: mask classes with
         ``bias=-inf`` or ``num_classes`` instead.
+      skip_unscored: With ``"xla"``, multiply only the scored rows (not
+        ignored, masked, shifted out or segment padding) with ``w``: the rows
+        are partitioned stably, scored first (a gather of ``x``, a scatter of
+        ``dx``), and the loops stop after the last scored row's token block,
+        a trip count computed at run time, so at 50% unscored a step costs
+        about half. Values and gradients equal the default's to float32
+        round-off (dW sums its rows in another order). The unscored rows'
+        ``lse`` and ``aux`` fields are then 0 (``correct`` False) instead of
+        computed. Under automatic (GSPMD) batch sharding the partition is a
+        global one; under ``shard_map`` each device partitions its own rows.
+        The other implementations compute every row either way.
 
     Returns:
       The loss (a scalar for the reductions, the labels' shape for
@@ -288,6 +304,7 @@ def linear_cross_entropy(
         shift=shift,
     )
     return_lse = _options.static_bool(return_lse, "return_lse")
+    skip_unscored = _options.static_bool(skip_unscored, "skip_unscored")
     if return_lse and opts.aux:
         raise ValueError("pass return_lse or return_aux, not both (aux.lse is lse).")
     impl_name = _registry.canonical("linear", implementation)
@@ -310,6 +327,7 @@ def linear_cross_entropy(
         impl=_registry.lookup("linear", impl_name),
         block_size=block_size,
         rows=rows,
+        skip_unscored=skip_unscored and impl_name == "xla",
     )
     args = (x, w, bias, labels, class_weights)
     if opts.axis_name is None and _sharding.explicit_axes(

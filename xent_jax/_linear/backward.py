@@ -42,6 +42,7 @@ class Saved(NamedTuple):
     log_se: jax.Array
     label_logit: jax.Array
     entropy: jax.Array | None  # with return_aux
+    active: jax.Array | None = None  # rows the loops run over (skip_unscored)
 
 
 class Needs(NamedTuple):
@@ -270,7 +271,9 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
                 acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt
             )
 
-        dx, dwb, dbb, dcwb = lay.for_blocks(n, layout.token_block, token_step, acc)
+        dx, dwb, dbb, dcwb = lay.for_blocks(
+            n, layout.token_block, token_step, acc, saved.active
+        )
         return (
             dx,
             _put_block(dw, dwb, w, s - span_start, cs, dw_axis, w.dtype),

@@ -94,9 +94,13 @@ def block_logits(xb, blk: Block, opts, layout: Layout, cdt):
     return z, jnp.where(blk.real, z, -jnp.inf) if layout.padded else z
 
 
-def row_statistics(x, w, bias, labels: Labels, class_weights, opts, layout):
+def row_statistics(
+    x, w, bias, labels: Labels, class_weights, opts, layout, active=None
+):
     """Every row's statistics over this device's columns, and the columns'
-    total smoothing weight, both combined over the class shards."""
+    total smoothing weight, both combined over the class shards; with
+    ``active``, only the token blocks of the first ``active`` rows run (the
+    others keep ``blocks.init``'s statistics)."""
     n, cdt = x.shape[0], compute_dtype(x, w)
     cols = columns(w, bias, class_weights, opts, layout, cdt)
 
@@ -112,7 +116,7 @@ def row_statistics(x, w, bias, labels: Labels, class_weights, opts, layout):
             new = blocks.forward_step(rows, zm, blk.ids, at, blk.smoothing, u_seen)
             return jax.tree.map(lambda a, b: lay.put(a, b, t, 0), st, new)
 
-        st = lay.for_blocks(n, layout.token_block, token_step, st)
+        st = lay.for_blocks(n, layout.token_block, token_step, st, active)
         if blk.smoothing is not None:
             u_seen = u_seen + jnp.sum(blk.smoothing)
         return st, u_seen

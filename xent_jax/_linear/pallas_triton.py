@@ -58,7 +58,7 @@ def linear_pallas_triton(
     common.check_supported(x, w, NAME)
     if x.shape[0] == 0:  # no tokens: no grid to launch
         return xla.linear_xla(x, w, bias, labels, class_weights, opts, layout)
-    return _kernel(x, w, bias, labels, class_weights, opts, layout)
+    return _kernel(x, w, bias, labels, class_weights, None, opts, layout)
 
 
 def _spec(x, w, opts, layout, threshold=None) -> common.Spec:

@@ -31,8 +31,27 @@ from xent_jax._stats import KernelOut
 def linear_xla(x, w, bias, labels: Labels, class_weights, opts, layout: Layout):
     """Per-example statistics (``_stats.KernelOut``) of ``x @ w + bias``
     (``x`` ``[N, D]``; ``w`` ``[D, V]``, or ``[V, D]`` in the row layout), by
-    the blockwise kernel."""
-    return _kernel(x, w, bias, labels, class_weights, opts, layout)
+    the blockwise kernel; with ``layout.skip_unscored`` on the scored rows
+    alone."""
+    if layout.skip_unscored:
+        return scored_first(_kernel, x, w, bias, labels, class_weights, opts, layout)
+    return _kernel(x, w, bias, labels, class_weights, None, opts, layout)
+
+
+def scored_first(kernel, x, w, bias, labels: Labels, class_weights, opts, layout):
+    """``kernel`` on the rows stably partitioned, the scored ones first, told
+    how many are scored: its loops run over their token blocks alone (at 50%
+    unscored, half the products). One gather of ``x`` (and a scatter of
+    ``dx`` in the backward pass) moves the rows; the per-row outputs go back
+    to their places, and every unscored row's are 0 (its ``lse``, entropy and
+    argmax: some share the last scored block, the others are not computed)."""
+    scored = labels.scored
+    order = jnp.argsort(~scored, stable=True)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    active = jnp.sum(scored, dtype=jnp.int32)
+    labels = Labels(*(f[order] for f in labels))
+    out = kernel(x[order], w, bias, labels, class_weights, active, opts, layout)
+    return jax.tree.map(lambda a: jnp.where(scored, a[back], 0), out)
 
 
 def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
@@ -44,31 +63,44 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
     it out) is shared; the Pallas kernels (``pallas_tpu``,
     ``pallas_triton``) pass their own two loops."""
 
-    def forward(x, w, bias, labels, class_weights, opts, layout):
-        st, u_total = row_statistics(x, w, bias, labels, class_weights, opts, layout)
+    def forward(x, w, bias, labels, class_weights, active, opts, layout):
+        # ``active``: only the first rows are scored (``scored_first``).
+        rows = {} if active is None else dict(active=active)
+        st, u_total = row_statistics(
+            x, w, bias, labels, class_weights, opts, layout, **rows
+        )
         cdt = fwd.compute_dtype(x, w)
         out, shift, log_se = fwd.outputs(st, u_total, labels, class_weights, opts, cdt)
         return out, shift, log_se, st.label_logit
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-    def kernel(x, w, bias, labels, class_weights, opts, layout) -> KernelOut:
-        return forward(x, w, bias, labels, class_weights, opts, layout)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def kernel(x, w, bias, labels, class_weights, active, opts, layout) -> KernelOut:
+        return forward(x, w, bias, labels, class_weights, active, opts, layout)[0]
 
-    def kernel_fwd(x, w, bias, labels, class_weights, opts, layout):
+    def kernel_fwd(x, w, bias, labels, class_weights, active, opts, layout):
         needs = backward.Needs(
             x.perturbed,
             w.perturbed,
             bias is not None and bias.perturbed,
             class_weights is not None and class_weights.perturbed,
         )
-        x, w, bias, labels, class_weights = jax.tree.map(
-            lambda a: a.value, (x, w, bias, labels, class_weights)
+        x, w, bias, labels, class_weights, active = jax.tree.map(
+            lambda a: a.value, (x, w, bias, labels, class_weights, active)
         )
         out, shift, log_se, label_logit = forward(
-            x, w, bias, labels, class_weights, opts, layout
+            x, w, bias, labels, class_weights, active, opts, layout
         )
         saved = backward.Saved(
-            x, w, bias, labels, class_weights, shift, log_se, label_logit, out.entropy
+            x,
+            w,
+            bias,
+            labels,
+            class_weights,
+            shift,
+            log_se,
+            label_logit,
+            out.entropy,
+            active,
         )
         # Which gradients are needed is static: it travels as the residuals'
         # structure (an empty array where needed, None where not).
@@ -78,7 +110,8 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
     def kernel_bwd(opts, layout, residual, cotangents):
         saved, flags = residual
         needs = backward.Needs(*(f is not None for f in flags))
-        return backward.gradients(saved, cotangents, needs, opts, layout, vocab_loop)
+        grads = backward.gradients(saved, cotangents, needs, opts, layout, vocab_loop)
+        return (*grads, None)  # active: an integer
 
     kernel.defvjp(kernel_fwd, kernel_bwd, symbolic_zeros=True)
     return kernel
