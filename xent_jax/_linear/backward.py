@@ -42,7 +42,7 @@ class Saved(NamedTuple):
     log_se: jax.Array
     label_logit: jax.Array
     entropy: jax.Array | None  # with return_aux
-    active: jax.Array | None = None  # rows the loops run over (skip_unscored)
+    rows: lay.ScoredRows | None = None  # skip_unscored: the rows' order
 
 
 class Needs(NamedTuple):
@@ -128,7 +128,7 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
     ``filtered`` (with gradient filtering): every example's label coefficient
     (``label_coefficient``) and its label's index in this vocabulary block
     (``layout.block_positions``)."""
-    xb = lay.block(saved.x, t, nt, 0)
+    xb = lay.x_rows(saved.x, t, nt, saved.rows)
     z, zm = fwd.block_logits(xb, blk, opts, layout, cdt)
     zs = zm - lay.rows_of(saved.shift, t, nt)
     log_se = lay.take(saved.log_se, t, nt, 0)
@@ -160,7 +160,8 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
     # Only this block's rows of dx enter the step (and the filter's cond, which
     # would otherwise copy all of dx, [N, D], on each path).
     dx = acc[0]
-    block_acc = (None if dx is None else _dx_rows(dx, t, nt),) + tuple(acc[1:])
+    dx_rows = None if dx is None else _dx_rows(dx, t, nt, saved.rows)
+    block_acc = (dx_rows,) + tuple(acc[1:])
 
     def labels_only(block_acc):
         k, at = (lay.take(v, t, nt, 0) for v in filtered)
@@ -173,7 +174,7 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
     else:
         block_acc = add(block_acc)
     if dx is not None:
-        dx = _dx_put(dx, block_acc[0], t)
+        dx = _dx_put(dx, block_acc[0], t, saved.rows)
     return (dx,) + tuple(block_acc[1:])
 
 
@@ -200,16 +201,16 @@ def _skipped_labels(block_acc, xw, wb, k, at, rows: bool, cdt):
     return dx_rows, dwb, dbb, dcwb
 
 
-def _dx_rows(dx, t, nt):
+def _dx_rows(dx, t, nt, rows):
     if isinstance(dx, lay.SplitFloat32):
         return dx.rows(t, nt)
-    return lay.take(dx, t, nt, 0)
+    return lay.x_rows(dx, t, nt, rows)
 
 
-def _dx_put(dx, rows, t):
+def _dx_put(dx, update, t, rows):
     if isinstance(dx, lay.SplitFloat32):
-        return dx.put(rows, t)
-    return lay.put(dx, rows, t, 0)
+        return dx.put(update, t)
+    return lay.put_rows(dx, update, t, rows)
 
 
 # A 16-bit ``dw`` is written in spans of whole vocabulary blocks, each held
@@ -272,7 +273,11 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
             )
 
         dx, dwb, dbb, dcwb = lay.for_blocks(
-            n, layout.token_block, token_step, acc, saved.active
+            n,
+            layout.token_block,
+            token_step,
+            acc,
+            None if saved.rows is None else saved.rows.active,
         )
         return (
             dx,
@@ -287,7 +292,7 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
         return _zeros(needs.w, lambda: (tuple(shape), w.dtype), w)
 
     dx = _zeros(needs.x, lambda: ((n, d), cdt), x, w, bias, saved.labels, coefs)
-    if _split_dx(dx, x, cdt, layout):
+    if saved.rows is None and _split_dx(dx, x, cdt, layout):
         dx = lay.SplitFloat32.split(dx)
     init = (
         dx,

@@ -94,13 +94,11 @@ def block_logits(xb, blk: Block, opts, layout: Layout, cdt):
     return z, jnp.where(blk.real, z, -jnp.inf) if layout.padded else z
 
 
-def row_statistics(
-    x, w, bias, labels: Labels, class_weights, opts, layout, active=None
-):
+def row_statistics(x, w, bias, labels: Labels, class_weights, opts, layout, rows=None):
     """Every row's statistics over this device's columns, and the columns'
     total smoothing weight, both combined over the class shards; with
-    ``active``, only the token blocks of the first ``active`` rows run (the
-    others keep ``blocks.init``'s statistics)."""
+    ``rows`` (``layout.ScoredRows``) in its order, and only the token blocks
+    of its scored rows run (the others keep ``blocks.init``'s statistics)."""
     n, cdt = x.shape[0], compute_dtype(x, w)
     cols = columns(w, bias, class_weights, opts, layout, cdt)
 
@@ -110,12 +108,14 @@ def row_statistics(
         label_at = lay.block_positions(cols.views, labels.ids, s, cs, layout.groups)
 
         def token_step(t, nt, st):
-            _, zm = block_logits(lay.block(x, t, nt, 0), blk, opts, layout, cdt)
+            xb = lay.x_rows(x, t, nt, rows)
+            _, zm = block_logits(xb, blk, opts, layout, cdt)
             at = lay.take(label_at, t, nt, 0)
-            rows = jax.tree.map(lambda a: lay.take(a, t, nt, 0), st)
-            new = blocks.forward_step(rows, zm, blk.ids, at, blk.smoothing, u_seen)
+            st_rows = jax.tree.map(lambda a: lay.take(a, t, nt, 0), st)
+            new = blocks.forward_step(st_rows, zm, blk.ids, at, blk.smoothing, u_seen)
             return jax.tree.map(lambda a, b: lay.put(a, b, t, 0), st, new)
 
+        active = None if rows is None else rows.active
         st = lay.for_blocks(n, layout.token_block, token_step, st, active)
         if blk.smoothing is not None:
             u_seen = u_seen + jnp.sum(blk.smoothing)

@@ -107,16 +107,19 @@ def choose(
 
 def _skipping_blocks(tb: int, cols: int, n: int, v: int, d: int, groups, vocab_free):
     """``(tb, cols)`` with the token block capped for ``skip_unscored`` and,
-    where the vocabulary block is not given, the columns grown to keep the
-    block's size (then fitted to the budget again): with as many vocabulary
-    steps as the default's 4x as many token steps cost 1.07x its time at
-    1024 x 256 x 131072, 1.01x with blocks of 256 x 4096."""
+    where the vocabulary block is not given, the columns grown as far as the
+    default blocks' temporaries (``block_bytes``) allow: with as many
+    vocabulary steps as the default's, 4x as many token steps cost 1.07x its
+    time at 1024 x 256 x 131072; 1.01x with blocks of 256 x 2048."""
     cap = max(SKIP_MIN_TOKEN_BLOCK, -(-n // SKIP_TOKEN_BLOCKS))
     if tb <= cap:
         return tb, cols
+    budget = block_bytes(tb, cols, d)
     if vocab_free:
         cols = max(1, min(cols * (tb // cap), v) // groups) * groups
-    return fit_budget(cap, cols, d, groups, vocab_free)
+        while block_bytes(cap, cols, d) > budget and cols % (2 * groups) == 0:
+            cols //= 2
+    return cap, cols
 
 
 def block_bytes(tb: int, cols: int, d: int) -> int:
@@ -141,6 +144,37 @@ def fit_budget(tb: int, cols: int, d: int, groups: int, vocab_free: bool):
         else:
             break
     return tb, cols
+
+
+class ScoredRows(NamedTuple):
+    """The order in which a kernel visits the rows of ``x`` (``skip_unscored``):
+    position ``i`` is row ``order[i]``, the scored rows first; positions from
+    ``active`` on are unscored, and their token blocks do not run. The
+    per-row vectors are in this order; ``x`` and ``dx`` stay in theirs and
+    are gathered (``x_rows``) and scattered (``put_rows``) block by block, so
+    that neither is copied whole."""
+
+    order: jax.Array  # int32 [N], a permutation
+    active: jax.Array  # int32 scalar: the scored rows
+
+
+def x_rows(x, start, size: Any, rows: ScoredRows | None):
+    """The rows of ``x`` at positions ``start:start+size`` (see ``block``)."""
+    if rows is None:
+        return block(x, start, size, 0)
+    index = take(rows.order, start, size, 0)
+    if _is_16bit(x):  # as in ``block``: no float32 copy of all of x
+        x, index = jax.lax.optimization_barrier((x, index))
+    return jnp.take(x, index, axis=0, mode="clip", unique_indices=True)
+
+
+def put_rows(a, update, start, rows: ScoredRows | None):
+    """``a`` with ``update`` at the positions ``start:`` (rows of ``a`` in
+    ``rows``'s order where given)."""
+    if rows is None:
+        return put(a, update, start, 0)
+    index = take(rows.order, start, update.shape[0], 0)
+    return a.at[index].set(update, mode="clip", unique_indices=True)
 
 
 def for_blocks(total: Any, block: Any, body, carry, active=None):

@@ -23,7 +23,7 @@ from xent_jax import _registry
 from xent_jax._labels import Labels
 from xent_jax._linear import backward
 from xent_jax._linear import forward as fwd
-from xent_jax._linear.layout import Layout
+from xent_jax._linear.layout import Layout, ScoredRows
 from xent_jax._stats import KernelOut
 
 
@@ -39,18 +39,19 @@ def linear_xla(x, w, bias, labels: Labels, class_weights, opts, layout: Layout):
 
 
 def scored_first(kernel, x, w, bias, labels: Labels, class_weights, opts, layout):
-    """``kernel`` on the rows stably partitioned, the scored ones first, told
-    how many are scored: its loops run over their token blocks alone (at 50%
-    unscored, half the products). One gather of ``x`` (and a scatter of
-    ``dx`` in the backward pass) moves the rows; the per-row outputs go back
-    to their places, and every unscored row's are 0 (its ``lse``, entropy and
+    """``kernel`` visiting the rows in a stable partition, the scored ones
+    first, told how many are scored: its loops run over their token blocks
+    alone (at 50% unscored, half the products). The per-row vectors are
+    permuted (N entries each), ``x`` and ``dx`` are gathered and scattered
+    block by block (``layout.ScoredRows``); the per-row outputs go back to
+    their places, and every unscored row's are 0 (its ``lse``, entropy and
     argmax: some share the last scored block, the others are not computed)."""
     scored = labels.scored
     order = jnp.argsort(~scored, stable=True)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-    active = jnp.sum(scored, dtype=jnp.int32)
+    rows = ScoredRows(order.astype(jnp.int32), jnp.sum(scored, dtype=jnp.int32))
     labels = Labels(*(f[order] for f in labels))
-    out = kernel(x[order], w, bias, labels, class_weights, active, opts, layout)
+    out = kernel(x, w, bias, labels, class_weights, rows, opts, layout)
     return jax.tree.map(lambda a: jnp.where(scored, a[back], 0), out)
 
 
@@ -63,32 +64,32 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
     it out) is shared; the Pallas kernels (``pallas_tpu``,
     ``pallas_triton``) pass their own two loops."""
 
-    def forward(x, w, bias, labels, class_weights, active, opts, layout):
-        # ``active``: only the first rows are scored (``scored_first``).
-        rows = {} if active is None else dict(active=active)
+    def forward(x, w, bias, labels, class_weights, rows, opts, layout):
+        # ``rows``: the scored rows first (``scored_first``), else None.
+        extra = {} if rows is None else dict(rows=rows)
         st, u_total = row_statistics(
-            x, w, bias, labels, class_weights, opts, layout, **rows
+            x, w, bias, labels, class_weights, opts, layout, **extra
         )
         cdt = fwd.compute_dtype(x, w)
         out, shift, log_se = fwd.outputs(st, u_total, labels, class_weights, opts, cdt)
         return out, shift, log_se, st.label_logit
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-    def kernel(x, w, bias, labels, class_weights, active, opts, layout) -> KernelOut:
-        return forward(x, w, bias, labels, class_weights, active, opts, layout)[0]
+    def kernel(x, w, bias, labels, class_weights, rows, opts, layout) -> KernelOut:
+        return forward(x, w, bias, labels, class_weights, rows, opts, layout)[0]
 
-    def kernel_fwd(x, w, bias, labels, class_weights, active, opts, layout):
+    def kernel_fwd(x, w, bias, labels, class_weights, rows, opts, layout):
         needs = backward.Needs(
             x.perturbed,
             w.perturbed,
             bias is not None and bias.perturbed,
             class_weights is not None and class_weights.perturbed,
         )
-        x, w, bias, labels, class_weights, active = jax.tree.map(
-            lambda a: a.value, (x, w, bias, labels, class_weights, active)
+        x, w, bias, labels, class_weights, rows = jax.tree.map(
+            lambda a: a.value, (x, w, bias, labels, class_weights, rows)
         )
         out, shift, log_se, label_logit = forward(
-            x, w, bias, labels, class_weights, active, opts, layout
+            x, w, bias, labels, class_weights, rows, opts, layout
         )
         saved = backward.Saved(
             x,
@@ -100,7 +101,7 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
             log_se,
             label_logit,
             out.entropy,
-            active,
+            rows,
         )
         # Which gradients are needed is static: it travels as the residuals'
         # structure (an empty array where needed, None where not).
@@ -111,7 +112,7 @@ def fused_kernel(row_statistics=fwd.row_statistics, vocab_loop=None):
         saved, flags = residual
         needs = backward.Needs(*(f is not None for f in flags))
         grads = backward.gradients(saved, cotangents, needs, opts, layout, vocab_loop)
-        return (*grads, None)  # active: an integer
+        return (*grads, None)  # rows: integers
 
     kernel.defvjp(kernel_fwd, kernel_bwd, symbolic_zeros=True)
     return kernel
