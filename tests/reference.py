@@ -50,6 +50,7 @@ import numpy as np
 __all__ = [
     "Terms",
     "bce",
+    "clip_pairs",
     "integer_mean_denominator",
     "integer_xent",
     "integer_xent_terms",
@@ -65,6 +66,7 @@ __all__ = [
     "reduce_terms",
     "safe_soft_xent",
     "sigmoid_focal",
+    "siglip_pairs",
     "smooth_labels",
     "soft_xent",
     "soft_xent_terms",
@@ -828,3 +830,36 @@ def torch_cross_entropy_np(
         return (1 - e) * nll.sum() + e / c * smooth.sum()
     den = w_y.sum()
     return ((1 - e) * nll.sum() + e / c * smooth.sum()) / den
+
+
+def _pair_logits(a, b, scale):
+    """``scale * a_i . b_j`` for every pair, in float32 for 16-bit inputs."""
+    a, b = _compute_dtype(a), _compute_dtype(b)
+    return jnp.asarray(scale, a.dtype) * jnp.einsum("id,jd->ij", a, b)
+
+
+def clip_pairs(a, b, scale):
+    """CLIP's per-pair loss (Radford et al. 2021): the mean of the
+    cross-entropies of row ``i`` and column ``i`` of ``s = scale a bᵀ``, each
+    with the pair's own entry as the label, by explicit shifted
+    log-softmaxes."""
+    s = _pair_logits(a, b, scale)
+    idx = jnp.arange(s.shape[0])
+
+    def log_softmax_rows(z):
+        m = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
+        return (z - m) - jnp.log(jnp.sum(jnp.exp(z - m), axis=1, keepdims=True))
+
+    by_row = -log_softmax_rows(s)[idx, idx]
+    by_col = -log_softmax_rows(s.T)[idx, idx]
+    return (by_row + by_col) / 2
+
+
+def siglip_pairs(a, b, scale, bias):
+    """SigLIP's per-pair loss (Zhai et al. 2023): ``-sum_j log sigmoid(z_ij
+    s_ij)`` with ``s = scale a bᵀ + bias``, ``z`` +1 on the diagonal and -1
+    elsewhere; ``-log sigmoid(v) = log(1 + exp(-v))`` written stably."""
+    s = _pair_logits(a, b, scale) + jnp.asarray(bias, _compute_dtype(a).dtype)
+    z = 2 * jnp.eye(s.shape[0], dtype=s.dtype) - 1
+    v = z * s
+    return jnp.sum(jnp.maximum(-v, 0) + jnp.log1p(jnp.exp(-jnp.abs(v))), axis=1)

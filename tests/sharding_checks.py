@@ -1094,6 +1094,70 @@ def case_skip_unscored():
     return report
 
 
+def _contrastive_args(kind, n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b = (
+        jnp.asarray(rng.normal(size=(n, d)) / np.sqrt(d), jnp.float32) for _ in "ab"
+    )
+    extra = (jnp.float32(4.0),) + ((jnp.float32(-1.5),) if kind == "siglip" else ())
+    return (a, b) + extra
+
+
+def case_contrastive_ring():
+    """clip_loss and siglip_loss with the pairs split over the mesh (one axis
+    of 8, and both axes of 4x2 named together): the ring equals one device for
+    every reduction and implementation, values and the gradients of a, b,
+    scale (and bias); the only collectives move column blocks and per-pair
+    statistics (``n/P x D``), never a block of the ``N x N`` matrix."""
+    n, d = 64, 16
+    report = {}
+    for kind, fn in (("clip", xent_jax.clip_loss), ("siglip", xent_jax.siglip_loss)):
+        args = _contrastive_args(kind, n, d)
+        nums = tuple(range(len(args)))
+        for shape, axes in (((8, 1), "data"), ((4, 2), ("data", "model"))):
+            mesh = _mesh(shape)
+            specs = (P(axes), P(axes)) + (P(),) * (len(args) - 2)
+            for impl in ("xla", "reference"):
+                for reduction in ("mean", "sum", "none"):
+
+                    def local(*x, fn=fn, axes=axes, impl=impl, reduction=reduction):
+                        return fn(
+                            *x,
+                            reduction=reduction,
+                            block_size=3,
+                            axis_name=axes,
+                            implementation=impl,
+                        )
+
+                    out = P(axes) if reduction == "none" else P()
+                    sharded = jax.shard_map(
+                        local, mesh=mesh, in_specs=specs, out_specs=out
+                    )
+
+                    def total(*x, f=sharded):
+                        return jnp.sum(f(*x) * (1 + jnp.arange(f(*x).size) % 3))
+
+                    def alone(*x, fn=fn, reduction=reduction):
+                        v = fn(*x, reduction=reduction)
+                        return jnp.sum(v * (1 + jnp.arange(v.size) % 3))
+
+                    step = jax.jit(jax.value_and_grad(total, argnums=nums))
+                    key = f"{kind} {impl} {reduction} {shape[0]}x{shape[1]}"
+                    want = jax.value_and_grad(alone, argnums=nums)(*args)
+                    err = _close(step(*args), want, key, rtol=1e-4, atol=1e-5)
+                    found = collective_bytes(step.lower(*args).compile().as_text())
+                    if impl == "xla":
+                        block = n // 8 * d * 4  # a column block's float32 bytes
+                        assert set(found) <= {"collective-permute", "all-reduce"}, (
+                            key,
+                            found,
+                        )
+                        for _, (_, _, largest) in found.items():
+                            assert largest <= 2 * block, (key, found)
+                        report[key] = {"max_abs_error": err, "collectives": found}
+    return report
+
+
 CASES = {
     name[len("case_") :]: fn
     for name, fn in globals().items()

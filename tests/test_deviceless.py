@@ -289,3 +289,72 @@ def test_the_hlo_scan_finds_a_copy_of_w(target):
     assert copies(lambda w: jnp.transpose(w)), target
     assert copies(lambda w: w.astype(jnp.float32) * 2), target
     assert not copies(lambda w: w * 2), target
+
+
+# CLIP / SigLIP at open_clip's and big_vision's batch sizes (issue 31).
+CONTRASTIVE_SHAPE = (32768, 768)
+
+
+def _materialised_contrastive(kind):
+    def logits(a, b, scale):
+        return scale * jnp.matmul(a, b.T, preferred_element_type=jnp.float32)
+
+    def clip(a, b, scale):
+        s, y = logits(a, b, scale), jnp.arange(a.shape[0])
+        ce = optax.losses.softmax_cross_entropy_with_integer_labels
+        return (ce(s, y).mean() + ce(s.T, y).mean()) / 2
+
+    def siglip(a, b, scale, bias):
+        z = 2 * jnp.eye(a.shape[0]) - 1
+        s = logits(a, b, scale) + bias
+        return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(z * s), axis=-1))
+
+    return {"clip": clip, "siglip": siglip}[kind]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("target", dl.TARGETS)
+def test_contrastive_losses_stay_linear_in_the_batch(target, kind):
+    # Their temporaries: the float32 da and db accumulators and a block,
+    # never the N x N matrix (which the materialised loss compiles here).
+    n, d = CONTRASTIVE_SHAPE
+    fn = {"clip": xj.clip_loss, "siglip": xj.siglip_loss}[kind]
+    scalars = 1 if kind == "clip" else 2
+    argnums = tuple(range(2 + scalars))
+    bound = (2 * n * d * 4) / dl.MiB + 32
+    for dtype in DTYPES:
+        args = dl.specs(target, *([((n, d), dtype)] * 2 + [((), "float32")] * scalars))
+        full = _compile(
+            target,
+            f"materialised {kind}",
+            dtype,
+            CONTRASTIVE_SHAPE,
+            jax.value_and_grad(_materialised_contrastive(kind), argnums=argnums),
+            *args,
+        )
+        for impl in _registry.names(kind):
+            if impl == "reference":  # materialises: compiled, small, not bounded
+                small = dl.specs(
+                    target, *([((300, 64), dtype)] * 2 + [((), "float32")] * scalars)
+                )
+                grad = jax.value_and_grad(
+                    lambda *x: fn(*x, implementation="reference"), argnums=argnums
+                )
+                _compile(target, impl, dtype, (300, 64), grad, *small)
+                continue
+            compiled = _compile(
+                target,
+                impl,
+                dtype,
+                CONTRASTIVE_SHAPE,
+                jax.value_and_grad(
+                    lambda *x, i=impl: fn(*x, implementation=i), argnums=argnums
+                ),
+                *args,
+            )
+            temp, full_mib = dl.temp_mib(compiled), dl.temp_mib(full)
+            print(
+                f"{target} {kind} {impl} {dtype}: {temp:.0f} MiB, "
+                f"materialised {full_mib:.0f}"
+            )
+            assert temp <= bound and temp <= full_mib / 10, (temp, bound, full_mib)

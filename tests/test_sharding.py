@@ -39,6 +39,7 @@ CASES = (
     "segments_data_parallel",
     "collective_bytes",
     "skip_unscored",
+    "contrastive_ring",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 

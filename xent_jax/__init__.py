@@ -6,6 +6,8 @@ closed-form ``jax.custom_vjp`` gradients.
 """
 
 from xent_jax._aux import Aux as Aux
+from xent_jax._contrastive.api import clip_loss as clip_loss
+from xent_jax._contrastive.api import siglip_loss as siglip_loss
 from xent_jax._extras import kl_divergence as kl_divergence
 from xent_jax._extras import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -28,6 +30,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Aux",
+    "clip_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
@@ -35,6 +38,7 @@ __all__ = [
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "siglip_loss",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

@@ -1,0 +1,1 @@
+"""The contrastive ops (``"clip"``, ``"siglip"``): ``api``, ``reference``, ``xla``."""
