@@ -51,6 +51,7 @@ __all__ = [
     "Terms",
     "bce",
     "clip_pairs",
+    "distillation",
     "integer_mean_denominator",
     "integer_xent",
     "integer_xent_terms",
@@ -863,3 +864,52 @@ def siglip_pairs(a, b, scale, bias):
     z = 2 * jnp.eye(s.shape[0], dtype=s.dtype) - 1
     v = z * s
     return jnp.sum(jnp.maximum(-v, 0) + jnp.log1p(jnp.exp(-jnp.abs(v))), axis=1)
+
+
+def distillation(
+    x,
+    w,
+    xt,
+    wt,
+    labels=None,
+    divergence="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    alpha=0.0,
+    scored=None,
+):
+    """Per-position distillation loss on materialised logits: ``alpha CE(x w,
+    y) + (1 - alpha) T^2 D(P, Q)`` with ``Q = softmax(x w / T)`` (student),
+    ``P = softmax(x_t w_t / T)`` (teacher) and ``D`` = KL(P||Q), KL(Q||P), or
+    ``beta KL(P||M) + (1 - beta) KL(Q||M)``, ``M = beta P + (1 - beta) Q``
+    (Agarwal et al. 2024). ``0 log 0 = 0``; positions where ``scored`` is
+    False give 0."""
+    x, w, xt, wt = (_compute_dtype(v) for v in (x, w, xt, wt))
+    z = jnp.einsum("nd,dv->nv", x, w)
+    zt = jnp.einsum("nd,dv->nv", xt, wt)
+
+    def log_softmax(v):
+        m = jax.lax.stop_gradient(jnp.max(v, axis=-1, keepdims=True))
+        return (v - m) - jnp.log(jnp.sum(jnp.exp(v - m), axis=-1, keepdims=True))
+
+    def kl(la, lb):
+        a = jnp.exp(la)
+        return jnp.sum(jnp.where(a == 0, 0, a * (la - jnp.where(a == 0, 0, lb))), -1)
+
+    lq, lp = log_softmax(z / temperature), log_softmax(zt / temperature)
+    if divergence == "forward_kl":
+        div = kl(lp, lq)
+    elif divergence == "reverse_kl":
+        div = kl(lq, lp)
+    else:
+        lm = jnp.logaddexp(jnp.log(beta) + lp, jnp.log1p(-beta) + lq)
+        div = beta * kl(lp, lm) + (1 - beta) * kl(lq, lm)
+    loss = (1 - alpha) * temperature**2 * div
+    if alpha:
+        y = jnp.asarray(labels)
+        safe = jnp.where((y >= 0) & (y < z.shape[-1]), y, 0)
+        ce = -jnp.take_along_axis(log_softmax(z), safe[:, None], axis=-1)[:, 0]
+        loss = loss + alpha * ce
+    if scored is not None:
+        loss = jnp.where(scored, loss, 0)
+    return loss

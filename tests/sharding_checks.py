@@ -1158,6 +1158,77 @@ def case_contrastive_ring():
     return report
 
 
+def case_distillation_vocab_parallel():
+    """linear_distillation_loss with both heads' vocabularies split over
+    "model" (axis_name) and the positions over "data" (reduction_axis_name):
+    the value and the gradients of x, w, teacher_x and teacher_w equal one
+    device's for every divergence, with a hard-label term, a temperature and
+    ignored labels; the collectives are all-reduces of per-position scalars,
+    of dx's parts over "model" and of dW over "data", never of logits."""
+    rng = np.random.default_rng(31)
+    n, d, dt, v = N, 6, 5, C
+    x = jnp.asarray(rng.normal(size=(n, d)) / np.sqrt(d), jnp.float32)
+    xt = jnp.asarray(rng.normal(size=(n, dt)) / np.sqrt(dt), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    wt = jnp.asarray(rng.normal(size=(dt, v)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, n), jnp.int32).at[:3].set(-100)
+    args = (x, w, xt, wt)
+    nums = (0, 1, 2, 3)
+    report = {}
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        opts = dict(
+            divergence=divergence,
+            alpha=0.3,
+            temperature=2.0,
+            ignore_index=-100,
+            teacher_grad=True,
+            block_size=2,
+        )
+
+        def alone(x, w, xt, wt, opts=opts):
+            return xent_jax.linear_distillation_loss(x, w, xt, wt, y, **opts)
+
+        want = jax.value_and_grad(alone, argnums=nums)(*args)
+        for shape in MESHES:
+            mesh = _mesh(shape)
+
+            def local(x, w, xt, wt, y, opts=opts):
+                return xent_jax.linear_distillation_loss(
+                    x,
+                    w,
+                    xt,
+                    wt,
+                    y,
+                    axis_name="model",
+                    reduction_axis_name="data",
+                    **opts,
+                )
+
+            rows, cols = P("data", None), P(None, "model")
+            sharded = jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(rows, cols, rows, cols, P("data")),
+                out_specs=P(),
+            )
+            step = jax.jit(
+                jax.value_and_grad(lambda *a, f=sharded: f(*a, y), argnums=nums)
+            )
+            key = f"{divergence} {shape[0]}x{shape[1]}"
+            err = _close(step(*args), want, key, rtol=1e-4, atol=1e-5)
+            found = collective_bytes(step.lower(*args).compile().as_text())
+            assert set(found) <= {"all-reduce"}, (key, found)
+            largest = max(b for _, _, b in found.values())
+            # dW and dW_t over "data" (XLA merges them, and dx's parts, into
+            # one tuple): below one [N, V] logits array, 4 N V bytes.
+            assert largest <= 4 * (d * v + dt * v + n * (d + dt)) < 4 * n * v, (
+                key,
+                found,
+            )
+            report[key] = {"max_abs_error": err, "collectives": found}
+    return report
+
+
 CASES = {
     name[len("case_") :]: fn
     for name, fn in globals().items()

@@ -56,6 +56,7 @@ line per example that passed (its function), to count a campaign's examples.
 
 import os
 
+import fuzz_paired as fp
 import fuzz_strategies as fs
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
@@ -138,3 +139,15 @@ def test_fuzz_extras(name, data):
     note(case.describe())
     fs.check_extras_case(case)
     _passed(name)
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "distillation"])
+@_settings(10)
+@given(data=st.data())
+@pytest.mark.slow
+def test_fuzz_paired_losses(kind, data):
+    draw = {"contrastive": fp.draw_contrastive, "distillation": fp.draw_distillation}
+    case = draw[kind](data.draw, st)
+    note(case.describe())
+    fp.check_paired_case(case)
+    _passed(kind)

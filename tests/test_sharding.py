@@ -40,6 +40,7 @@ CASES = (
     "collective_bytes",
     "skip_unscored",
     "contrastive_ring",
+    "distillation_vocab_parallel",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 

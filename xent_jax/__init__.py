@@ -8,6 +8,9 @@ closed-form ``jax.custom_vjp`` gradients.
 from xent_jax._aux import Aux as Aux
 from xent_jax._contrastive.api import clip_loss as clip_loss
 from xent_jax._contrastive.api import siglip_loss as siglip_loss
+from xent_jax._distillation.api import (
+    linear_distillation_loss as linear_distillation_loss,
+)
 from xent_jax._extras import kl_divergence as kl_divergence
 from xent_jax._extras import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -34,6 +37,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "poly_loss_cross_entropy",
     "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",

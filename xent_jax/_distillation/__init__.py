@@ -1,0 +1,1 @@
+"""The distillation op (``"distillation"``): ``api``, ``reference``, ``xla``."""
