@@ -110,13 +110,18 @@ def test_a_missing_process_fails_the_others_at_the_initialization_timeout():
     did start fail in ``jax.distributed.initialize`` once its
     ``initialization_timeout`` (the worker sets 10 s) has passed, with the
     runtime's ``DEADLINE_EXCEEDED`` on ``RegisterTask``, instead of waiting
-    forever; the error does not say how many joined (docs/many_devices.md)."""
+    forever; the error does not say how many joined (docs/many_devices.md).
+    A process whose coordinator (process 0) exits first may see the
+    coordinator go (``UNAVAILABLE`` on ``RegisterTask``) before its own
+    deadline: a race seen on jax 0.12.1 in CI, accepted here."""
     outputs, codes = _launch(2, 2, "wrong-count", timeout=120, declared=3)
     report = _report(outputs, codes)
     for out, code in zip(outputs, codes, strict=True):
         assert code not in (0, None), report
-        assert "DEADLINE_EXCEEDED" in out and "RegisterTask" in out, report
+        assert "RegisterTask" in out, report
+        assert "DEADLINE_EXCEEDED" in out or "UNAVAILABLE" in out, report
         assert "PASS" not in out, report
+    assert any("DEADLINE_EXCEEDED" in out for out in outputs), report
 
 
 def test_a_process_id_past_num_processes_is_refused():
