@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from core_helpers import assert_close, value_and_vjps
 from jax.test_util import check_grads
 from tiers import slow
 
@@ -68,21 +69,6 @@ def _oracle(kind):
     return {"clip": ref.clip_pairs, "siglip": ref.siglip_pairs}[kind]
 
 
-def _value_and_vjp(fn, args, ct):
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(ct.astype(out.dtype))
-
-
-def _close(got, want, rtol, atol, what):
-    np.testing.assert_allclose(
-        np.asarray(got, np.float64),
-        np.asarray(want, np.float64),
-        rtol,
-        atol,
-        err_msg=what,
-    )
-
-
 # --- exactness ----------------------------------------------------------------
 
 
@@ -97,12 +83,12 @@ def test_per_pair_values_and_every_gradient_match_float64(kind, impl, n, d, bloc
     def loss(*x):
         return _loss(kind)(*x, reduction="none", block_size=block, implementation=impl)
 
-    got = _value_and_vjp(jax.jit(loss), args, ct)
-    want = _value_and_vjp(_oracle(kind), args, ct)
-    _close(got[0], want[0], 1e-13, 1e-13, "loss")
+    got = value_and_vjps(jax.jit(loss), args, range(len(args)), ct, jit=False)
+    want = value_and_vjps(_oracle(kind), args, range(len(args)), ct, jit=False)
+    assert_close(got[0], want[0], rtol=1e-13, atol=1e-13, err_msg="loss")
     for name, g, w in zip("a b scale bias".split(), got[1], want[1], strict=False):
         assert g.dtype == jnp.float64 and g.shape == w.shape, name
-        _close(g, w, 1e-12, 1e-12, name)
+        assert_close(g, w, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 @F64
@@ -113,10 +99,16 @@ def test_reductions(kind, reduction):
     per_pair = _oracle(kind)(*args)
     want = {"mean": per_pair.mean(), "sum": per_pair.sum(), "none": per_pair}
     got = _loss(kind)(*args, reduction=reduction, block_size=4)
-    _close(got, want[reduction], 1e-13, 1e-13, reduction)
+    assert_close(got, want[reduction], rtol=1e-13, atol=1e-13, err_msg=reduction)
     g = jax.grad(lambda *x: jnp.sum(_loss(kind)(*x, reduction=reduction)))(*args)
     reduce = {"mean": jnp.mean, "sum": jnp.sum, "none": jnp.sum}[reduction]
-    _close(g, jax.grad(lambda *x: reduce(_oracle(kind)(*x)))(*args), 1e-12, 1e-12, "a")
+    assert_close(
+        g,
+        jax.grad(lambda *x: reduce(_oracle(kind)(*x)))(*args),
+        rtol=1e-12,
+        atol=1e-12,
+        err_msg="a",
+    )
 
 
 @F64
@@ -124,15 +116,23 @@ def test_reductions(kind, reduction):
 def test_block_size_changes_nothing_beyond_round_off(kind):
     args = _args(kind, 33, 5, seed=2)
     ct = jnp.cos(jnp.arange(33.0))
-    base = _value_and_vjp(lambda *x: _loss(kind)(*x, reduction="none"), args, ct)
+    base = value_and_vjps(
+        lambda *x: _loss(kind)(*x, reduction="none"),
+        args,
+        range(len(args)),
+        ct,
+        jit=False,
+    )
     for block in (1, 3, 8, 32, 33, 100):
-        got = _value_and_vjp(
+        got = value_and_vjps(
             lambda *x, bs=block: _loss(kind)(*x, reduction="none", block_size=bs),
             args,
+            range(len(args)),
             ct,
+            jit=False,
         )
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(base), strict=True):
-            _close(g, w, 1e-13, 1e-13, f"block {block}")
+            assert_close(g, w, rtol=1e-13, atol=1e-13, err_msg=f"block {block}")
 
 
 @F64
@@ -193,17 +193,21 @@ def test_16bit_inputs_are_computed_in_float32(kind, dtype):
     def loss(*x):
         return _loss(kind)(*x, reduction="none", block_size=8)
 
-    got = _value_and_vjp(loss, args, ct)
+    got = value_and_vjps(loss, args, range(len(args)), ct, jit=False)
     assert got[0].dtype == jnp.float32
     with _compat.enable_x64():
         wide = tuple(jnp.asarray(np.asarray(v, np.float64)) for v in args)
-        want = _value_and_vjp(_oracle(kind), wide, ct.astype(np.float64))
-    _close(got[0], want[0], 2e-6, 2e-6, "loss")
+        want = value_and_vjps(
+            _oracle(kind), wide, range(len(wide)), ct.astype(np.float64), jit=False
+        )
+    assert_close(got[0], want[0], rtol=2e-6, atol=2e-6, err_msg="loss")
     for g, w, p in zip(got[1], want[1], args, strict=True):
         assert g.dtype == p.dtype
         # One rounding to the 16-bit dtype of a float32-accurate gradient.
         eps = float(jnp.finfo(dtype).eps)
-        _close(g, w, eps, eps * np.max(np.abs(np.asarray(w))), "gradient")
+        assert_close(
+            g, w, rtol=eps, atol=eps * np.max(np.abs(np.asarray(w))), err_msg="gradient"
+        )
 
 
 @F64
@@ -212,14 +216,18 @@ def test_huge_logits_stay_exact(kind):
     # scale 1e4: logits of +-1e4, every exp overflows without the shift.
     args = _args(kind, 11, 4, seed=7, scale=1e4, bias=-30.0)
     ct = jnp.ones(11)
-    got = _value_and_vjp(
-        lambda *x: _loss(kind)(*x, reduction="none", block_size=4), args, ct
+    got = value_and_vjps(
+        lambda *x: _loss(kind)(*x, reduction="none", block_size=4),
+        args,
+        range(len(args)),
+        ct,
+        jit=False,
     )
-    want = _value_and_vjp(_oracle(kind), args, ct)
+    want = value_and_vjps(_oracle(kind), args, range(len(args)), ct, jit=False)
     assert np.all(np.isfinite(np.asarray(got[0])))
-    _close(got[0], want[0], 1e-12, 1e-9, "loss")
+    assert_close(got[0], want[0], rtol=1e-12, atol=1e-9, err_msg="loss")
     for g, w in zip(got[1], want[1], strict=True):
-        _close(g, w, 1e-10, 1e-7, "gradient")
+        assert_close(g, w, rtol=1e-10, atol=1e-7, err_msg="gradient")
 
 
 def test_a_nan_embedding_makes_exactly_the_losses_it_enters_nan():
@@ -249,18 +257,24 @@ def test_vmap_jit_checkpoint_and_export(kind):
         ("checkpoint", jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))),
     ]:
         for g, w in zip(fn(*args), eager, strict=True):
-            _close(g, w, 1e-6, 1e-7, name)
+            assert_close(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
     batch = tuple(jnp.stack([v, v * 0.5]) for v in args)
     batched = jax.vmap(loss)(*batch)
-    _close(batched, [loss(*args), loss(*(v * 0.5 for v in args))], 1e-6, 1e-7, "vmap")
+    assert_close(
+        batched,
+        [loss(*args), loss(*(v * 0.5 for v in args))],
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg="vmap",
+    )
     # The row blocks are slices of a: a symbolic N needs N >= the block.
     n = jax.export.symbolic_shape("n", constraints=("n >= 4",))[0]
     specs = [jax.ShapeDtypeStruct((n, 4), jnp.float32)] * 2
     specs += [jax.ShapeDtypeStruct((), jnp.float32)] * (len(args) - 2)
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss)))(*specs)
     v, g = exported.call(*args)
-    _close(v, loss(*args), 1e-6, 1e-7, "export")
-    _close(g, eager[0], 1e-6, 1e-7, "export grad")
+    assert_close(v, loss(*args), rtol=1e-6, atol=1e-7, err_msg="export")
+    assert_close(g, eager[0], rtol=1e-6, atol=1e-7, err_msg="export grad")
 
 
 # --- memory -------------------------------------------------------------------

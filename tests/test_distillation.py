@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from core_helpers import assert_close, value_and_vjps
 from jax.test_util import check_grads
 from tiers import slow
 
@@ -44,21 +45,6 @@ def _data(n=13, d=5, dt=4, v=300, seed=0, dtype=np.float64, scale=1.0):
         arr(n, dt, std=dt**-0.5),
         arr(dt, v),
         labels,
-    )
-
-
-def _vjp(fn, args, ct):
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(ct.astype(out.dtype))
-
-
-def _close(got, want, rtol, atol, what):
-    np.testing.assert_allclose(
-        np.asarray(got, np.float64),
-        np.asarray(want, np.float64),
-        rtol,
-        atol,
-        err_msg=what,
     )
 
 
@@ -113,15 +99,16 @@ def test_values_and_every_gradient_match_float64(
             x, w, xt, wt, y, divergence, 0.5, temperature, alpha, scored
         )
 
-    got = _vjp(jax.jit(loss), (x, heads[0], xt, heads[1]), ct)
-    want = _vjp(oracle, (x, heads[0], xt, heads[1]), ct)
-    _close(got[0], want[0], 1e-12, 1e-13, "loss")
+    args = (x, heads[0], xt, heads[1])
+    got = value_and_vjps(jax.jit(loss), args, range(4), ct, jit=False)
+    want = value_and_vjps(oracle, args, range(4), ct, jit=False)
+    assert_close(got[0], want[0], rtol=1e-12, atol=1e-13, err_msg="loss")
     assert got[0][3] == 0
     for name, g, wg in zip(
         ("x", "w", "teacher_x", "teacher_w"), got[1], want[1], strict=True
     ):
         assert g.shape == wg.shape and g.dtype == wg.dtype, name
-        _close(g, wg, 1e-11, 1e-12, name)
+        assert_close(g, wg, rtol=1e-11, atol=1e-12, err_msg=name)
         if name.startswith("teacher") and not teacher_grad:
             assert not np.any(np.asarray(g)), name
 
@@ -142,7 +129,7 @@ def test_jsd_beta(beta):
         lambda *a: ref.distillation(*a, None, "jsd", beta).mean(), argnums=(0, 1, 2, 3)
     )(*args)
     for g, wg in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        _close(g, wg, 1e-11, 1e-13, f"beta {beta}")
+        assert_close(g, wg, rtol=1e-11, atol=1e-13, err_msg=f"beta {beta}")
 
 
 @pytest.mark.usefixtures("x64")
@@ -220,11 +207,13 @@ def test_shift_segments_where_and_the_mean_over_scored_positions():
     # not where-masked.
     scored = np.array([[1, 0, 0, 1, 1, 0], [1, 0, 1, 0, 0, 0]], bool)
     full = ref.distillation(x.reshape(12, -1), w, xt.reshape(12, -1), wt).reshape(2, 6)
-    _close(per, np.where(scored, full, 0), 1e-5, 1e-6, "per position")
+    assert_close(
+        per, np.where(scored, full, 0), rtol=1e-5, atol=1e-6, err_msg="per position"
+    )
     mean = xj.linear_distillation_loss(
         x, w, xt, wt, shift=1, segment_ids=segments, where=where
     )
-    _close(mean, full[scored].mean(), 1e-5, 1e-6, "mean")
+    assert_close(mean, full[scored].mean(), rtol=1e-5, atol=1e-6, err_msg="mean")
     grads = jax.grad(
         lambda x: xj.linear_distillation_loss(
             x, w, xt, wt, shift=1, segment_ids=segments, where=where
@@ -270,21 +259,25 @@ def test_16bit_heads_are_computed_in_float32(dtype):
             reduction="none",
         )
 
-    got = _vjp(loss, (x, w, xt, wt), ct)
+    got = value_and_vjps(loss, (x, w, xt, wt), range(4), ct, jit=False)
     assert got[0].dtype == jnp.float32
     with _compat.enable_x64():
         wide = [jnp.asarray(np.asarray(v, np.float64)) for v in (x, w, xt, wt)]
-        want = _vjp(
+        want = value_and_vjps(
             lambda *a: ref.distillation(*a, y, "jsd", 0.5, 1.0, 0.5),
             wide,
+            range(4),
             ct.astype(np.float64),
+            jit=False,
         )
         want = jax.tree.map(np.asarray, want)
-    _close(got[0], want[0], 1e-5, 1e-6, "loss")
+    assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, err_msg="loss")
     eps = float(jnp.finfo(dtype).eps)
     for g, wg, p in zip(got[1], want[1], (x, w, xt, wt), strict=True):
         assert g.dtype == p.dtype
-        _close(g, wg, 2 * eps, 2 * eps * np.max(np.abs(wg)), "gradient")
+        assert_close(
+            g, wg, rtol=2 * eps, atol=2 * eps * np.max(np.abs(wg)), err_msg="gradient"
+        )
 
 
 def test_mixed_dtypes_never_round_the_wider_operand():
@@ -303,8 +296,8 @@ def test_mixed_dtypes_never_round_the_wider_operand():
 
     got, want = loss("xla"), loss("reference")
     assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
-    _close(got[0], want[0], 1e-6, 1e-7, "loss")
-    _close(got[1][1], want[1][1], 1e-5, 1e-7, "dw")
+    assert_close(got[0], want[0], rtol=1e-6, atol=1e-7, err_msg="loss")
+    assert_close(got[1][1], want[1][1], rtol=1e-5, atol=1e-7, err_msg="dw")
 
 
 @pytest.mark.usefixtures("x64")
@@ -326,7 +319,13 @@ def test_huge_logits_stay_exact(divergence):
     )(*args)
     assert np.isfinite(float(got[0]))
     for g, wg in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        _close(g, wg, 1e-9, 1e-9 * np.max(np.abs(np.asarray(wg))), divergence)
+        assert_close(
+            g,
+            wg,
+            rtol=1e-9,
+            atol=1e-9 * np.max(np.abs(np.asarray(wg))),
+            err_msg=divergence,
+        )
 
 
 def test_vmap_checkpoint_and_export():
@@ -339,9 +338,17 @@ def test_vmap_checkpoint_and_export():
 
     grad = jax.grad(loss)
     eager = grad(x, xt, y)
-    _close(jax.jit(jax.grad(jax.checkpoint(loss)))(x, xt, y), eager, 1e-6, 1e-7, "ckpt")
+    assert_close(
+        jax.jit(jax.grad(jax.checkpoint(loss)))(x, xt, y),
+        eager,
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg="ckpt",
+    )
     stacked = jax.vmap(loss)(jnp.stack([x, -x]), jnp.stack([xt, xt]), jnp.stack([y, y]))
-    _close(stacked, [loss(x, xt, y), loss(-x, xt, y)], 1e-6, 1e-7, "vmap")
+    assert_close(
+        stacked, [loss(x, xt, y), loss(-x, xt, y)], rtol=1e-6, atol=1e-7, err_msg="vmap"
+    )
     n = jax.export.symbolic_shape("n")[0]
     specs = (
         jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype),
@@ -350,8 +357,8 @@ def test_vmap_checkpoint_and_export():
     )
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss)))(*specs)
     value, g = exported.call(x, xt, y)
-    _close(value, loss(x, xt, y), 1e-6, 1e-7, "export")
-    _close(g, eager, 1e-6, 1e-7, "export grad")
+    assert_close(value, loss(x, xt, y), rtol=1e-6, atol=1e-7, err_msg="export")
+    assert_close(g, eager, rtol=1e-6, atol=1e-7, err_msg="export grad")
 
 
 # --- memory ---------------------------------------------------------------------------
