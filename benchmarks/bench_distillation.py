@@ -11,7 +11,7 @@ Two tables:
   (``_timing.median_times``), with the ratio to materialising and to the
   matmuls alone (both heads' logits, then the student's ``dx`` and ``dW``:
   the four products materialising must do; the fused loss does six, both
-  heads twice forward and the student's once backward, plus its gradients).
+  heads' logits forward and again backward, plus the student's gradients).
 
 The materialised baseline: optax's ``kl_divergence`` of the student's
 log-softmax against the teacher's softmax, times ``T**2``, plus optax's
@@ -144,7 +144,11 @@ def main() -> None:
         memory_table(
             [(8192, 2304, 256000), (2048, 512, 32768), (2048, 512, 131072)], dtype
         )
-    time_table([(2048, 512, 32768), (1024, 256, 131072)], [jnp.float32], args.repeats)
+    time_table(
+        [(2048, 512, 32768), (1024, 256, 131072)],
+        [jnp.float32, jnp.bfloat16],
+        args.repeats,
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Axes: the dtype (float16, bfloat16, float32), sizes from one pair / one class
 up, block sizes that divide, do not divide or exceed the rows (classes), the
 value regime (ordinary, logits near 1e4, a zero or negative scale, NaN in one
 row), the options (reduction; divergence, beta, temperature, alpha with
-ignored labels, shift, ``where``, layout, ``teacher_grad``), inputs as NumPy
+ignored labels, shift, packed ``segment_ids`` with padding and
+``"mean_per_segment"``, ``where``, layout, ``teacher_grad``), inputs as NumPy
 or jnp arrays, and a transformation (eager, ``jit``, ``grad`` w.r.t. every
 differentiable input, ``jit(grad(checkpoint))``, ``vmap``).
 """
@@ -95,7 +96,7 @@ def draw_distillation(draw, st) -> PairedCase:
         "temperature": draw(st.sampled_from((1.0, 0.5, 2.0, 7.0))),
         "alpha": alpha,
         "block_size": draw(st.one_of(st.none(), st.integers(1, v + 5))),
-        "reduction": draw(st.sampled_from(("mean", "sum", "none"))),
+        "reduction": draw(st.sampled_from(("mean", "sum", "none", "mean_per_segment"))),
         "teacher_grad": draw(st.booleans()),
         "w_layout": draw(st.sampled_from(("dv", "vd"))),
         "shift": draw(st.sampled_from((0, 0, 1))) if n > 1 else 0,
@@ -109,6 +110,10 @@ def draw_distillation(draw, st) -> PairedCase:
         options["ignore_index"] = -100
     if draw(st.booleans()):
         arrays["where"] = rng.random(n) < 0.7
+    if draw(st.booleans()):  # packed sequences, maybe a padding tail
+        segment_ids = np.sort(rng.integers(0, 3, size=n))
+        segment_ids[n - draw(st.integers(0, n // 3)) :] = -1
+        arrays["segment_ids"] = segment_ids
     transform = draw(st.sampled_from(TRANSFORMS))
     form = draw(st.sampled_from(("np", "jnp")))
     return PairedCase("distillation", arrays, dtype, options, transform, form)
@@ -147,6 +152,7 @@ def _package_loss(case: PairedCase):
             wt,
             arrays.get("labels"),
             where=arrays.get("where"),
+            segment_ids=arrays.get("segment_ids"),
             **kw,
         )
 
@@ -166,18 +172,27 @@ def _scored(case: PairedCase) -> np.ndarray:
         scored[-1] = False
     if "where" in case.arrays:
         scored &= case.arrays["where"]
+    segment_ids = case.arrays.get("segment_ids")
+    if segment_ids is not None:
+        scored &= segment_ids >= 0  # padding
+        if case.options["shift"]:  # the target in the same sequence
+            scored[:-1] &= segment_ids[1:] == segment_ids[:-1]
     return scored
 
 
 def _oracle_loss(case: PairedCase):
     opts = case.options
 
-    def reduce(per, count):
+    def reduce(per, count, scored=None):
         if opts["reduction"] == "none":
             return per
         total = jnp.sum(per)
         if opts["reduction"] == "sum":
             return total
+        if opts["reduction"] == "mean_per_segment":
+            index = ref.segment_index(case.arrays.get("segment_ids"), per.shape)
+            terms = ref.Terms(per, jnp.zeros_like(per), scored, scored)
+            return ref.mean_per_segment(terms, index)
         return total / count if count else total * 0
 
     if case.loss == "clip":
@@ -209,7 +224,7 @@ def _oracle_loss(case: PairedCase):
             opts["alpha"],
             scored,
         )
-        return reduce(per, int(scored.sum()))
+        return reduce(per, int(scored.sum()), scored)
 
     return loss
 
@@ -217,8 +232,8 @@ def _oracle_loss(case: PairedCase):
 def _inputs(case: PairedCase, x64: bool):
     out = {}
     for k, v in case.arrays.items():
-        if k in ("labels", "where"):
-            out[k] = v.astype(np.int32) if k == "labels" else v
+        if k in ("labels", "where", "segment_ids"):
+            out[k] = v if k == "where" else v.astype(np.int32)
         elif x64:
             out[k] = jnp.asarray(v, jnp.float64)
         else:

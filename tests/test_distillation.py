@@ -195,7 +195,7 @@ def test_alpha_one_is_the_fused_cross_entropy():
 # --- which positions are scored ---------------------------------------------------
 
 
-def test_shift_segments_where_and_the_mean_over_scored_positions():
+def test_shift_segments_where_and_the_means_over_scored_positions_and_sequences():
     x, w, xt, wt, _ = _data(n=12, dtype=np.float32, seed=6)
     x, xt = x.reshape(2, 6, -1), xt.reshape(2, 6, -1)
     segments = jnp.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, -1, -1]])
@@ -214,12 +214,36 @@ def test_shift_segments_where_and_the_mean_over_scored_positions():
         x, w, xt, wt, shift=1, segment_ids=segments, where=where
     )
     assert_close(mean, full[scored].mean(), rtol=1e-5, atol=1e-6, err_msg="mean")
-    grads = jax.grad(
-        lambda x: xj.linear_distillation_loss(
-            x, w, xt, wt, shift=1, segment_ids=segments, where=where
-        )
-    )(x)
-    assert not np.any(np.asarray(grads)[~scored])
+    # Per packed sequence: row 0's segments score {0} and {3, 4}, row 1's
+    # {0} and {2}; its padding segment scores nothing and is not counted.
+    per_segment = xj.linear_distillation_loss(
+        x,
+        w,
+        xt,
+        wt,
+        shift=1,
+        segment_ids=segments,
+        where=where,
+        reduction="mean_per_segment",
+    )
+    f = np.asarray(full)
+    want = (f[0, 0] + (f[0, 3] + f[0, 4]) / 2 + f[1, 0] + f[1, 2]) / 4
+    assert_close(per_segment, want, rtol=1e-5, atol=1e-6, err_msg="per segment")
+    # Without segment_ids every row is one sequence.
+    per_row = xj.linear_distillation_loss(
+        x, w, xt, wt, shift=1, where=where, reduction="mean_per_segment"
+    )
+    rows = np.array([[1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], bool)
+    want = np.mean([f[r][rows[r]].mean() for r in range(2)])
+    assert_close(per_row, want, rtol=1e-5, atol=1e-6, err_msg="per row")
+    for reduction in ("mean", "mean_per_segment"):
+        grads = jax.grad(
+            lambda x, r=reduction: xj.linear_distillation_loss(
+                x, w, xt, wt, shift=1, segment_ids=segments, where=where, reduction=r
+            )
+        )(x)
+        assert not np.any(np.asarray(grads)[~scored]), reduction
+        assert np.all(np.any(np.asarray(grads)[scored] != 0, axis=-1)), reduction
 
 
 def test_out_of_range_labels_raise_or_give_nan_with_no_gradient():
@@ -326,6 +350,55 @@ def test_huge_logits_stay_exact(divergence):
             atol=1e-9 * np.max(np.abs(np.asarray(wg))),
             err_msg=divergence,
         )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_one_class_heads_give_exactly_zero_loss_and_gradient(divergence):
+    # Found by the fuzzer: with D = 1 XLA turns each logit's product into a
+    # multiply and contracts it with the subtraction of the log-sum-exp into
+    # an FMA, so z - lse was the product's rounding error (1e-6), not 0, and
+    # one class's probability 1 - 1e-6: dW = -3.7e-4 where every gradient is
+    # 0 (a single class is certain for both heads).
+    x = np.array([[103.67525482], [246.48544312]], np.float32)
+    w = np.array([[0.33043706]], np.float32)
+    xt = np.array([[-390.94717407], [271.60675049]], np.float32)
+    wt = np.array([[0.44637457]], np.float32)
+    y = jnp.zeros(2, jnp.int32)
+
+    def loss(x, w, xt, wt):
+        return xj.linear_distillation_loss(
+            x, w, xt, wt, y, divergence=divergence, alpha=0.5, teacher_grad=True
+        )
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, w, xt, wt)
+    assert float(value) == 0
+    for g in grads:
+        np.testing.assert_array_equal(g, 0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_a_tiny_kl_between_offset_heads_keeps_float32_accuracy(divergence):
+    # A student 1e-3 away from its teacher (KL ~1e-6), its logits offset by
+    # 300. Differences of exact log-probabilities, (z_t - lse_t) - (z_s -
+    # lse_s), lose ~eps * 300 to the rounded log-sum-exps (1.6e-5 here, more
+    # than the KL; the two-pass kernel did); the kernel's shifted differences
+    # (z_t - s_t) - (z_s - s_s) keep it to float32 rounding of O(1) values.
+    rng = np.random.default_rng(12)
+    n, d, v = 16, 8, 4000
+    x = np.concatenate([rng.normal(size=(n, d)), np.ones((n, 1))], 1)
+    w = rng.normal(size=(d, v))
+    wt = np.concatenate([w + 1e-3 * rng.normal(size=(d, v)), np.zeros((1, v))])
+    w = np.concatenate([w, np.full((1, v), 300.0)])
+    x, w, wt = (a.astype(np.float32) for a in (x, w, wt))
+    got = xj.linear_distillation_loss(
+        x, w, x, wt, divergence=divergence, reduction="none"
+    )
+    with _compat.enable_x64():
+        want = ref.distillation(
+            *(np.float64(a) for a in (x, w, x, wt)), divergence=divergence
+        )
+    assert float(np.min(want)) > 1e-7
+    assert_close(got, want, rtol=0, atol=5e-7, err_msg=divergence)
 
 
 def test_vmap_checkpoint_and_export():

@@ -77,7 +77,14 @@ def rescaled_moment(sum_exs, sum_exp, shift_old, shift_new):
     """A sum of ``exp(x - s_old) (x - s_old)`` moved to ``s_new``:
     ``exp(s_old - s_new) (sum_exs + (s_old - s_new) sum_exp)``; 0 stays 0."""
     delta = shift_old - shift_new
-    moved = (sum_exs + delta * sum_exp) * jnp.exp(delta)
+    return moved_weighted_sum(sum_exs, sum_exp, delta, delta)
+
+
+def moved_weighted_sum(sum_exv, sum_exp, weight_delta, value_delta):
+    """A sum of ``exp(x - s) v`` after the weights' shift ``s`` fell by
+    ``weight_delta`` and every ``v`` grew by ``value_delta``:
+    ``exp(weight_delta) (sum_exv + value_delta sum_exp)``; 0 stays 0."""
+    moved = (sum_exv + value_delta * sum_exp) * jnp.exp(weight_delta)
     return jnp.where(sum_exp == 0, 0, moved)
 
 

@@ -20,7 +20,8 @@ from xent_jax import (
 )
 from xent_jax._distillation import reference as _reference  # noqa: F401 (registers)
 from xent_jax._distillation import xla as _xla
-from xent_jax._reduction import Part, Reduction, reduce_loss
+from xent_jax._options import SoftmaxReduction
+from xent_jax._reduction import Part, reduce_loss
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Implementation = Literal["xla", "reference"]
@@ -59,7 +60,8 @@ def _beta(beta, divergence: str) -> float:
 def _scored(
     labels, lead, v, alpha, ignore_index, shift, segment_ids, padding_id, where
 ):
-    """``(ids, scored, bad)`` per position (``lead`` the positions' shape)."""
+    """``(ids, scored, bad)`` per position (``lead`` the positions' shape;
+    ``segment_ids`` and ``padding_id`` validated)."""
     if labels is not None:
         source = labels
         labels = _checks.as_array(labels, "labels")
@@ -78,7 +80,6 @@ def _scored(
             scored = scored.at[..., lead[-1] - shift :].set(False)
         zeros = jnp.zeros(lead, jnp.int32)
         lab = _labels.Labels(zeros, scored, jnp.zeros(lead, bool))
-    segment_ids, padding_id = _segments.validate(segment_ids, lead, padding_id)
     if segment_ids is not None:
         keep = _segments.kept(segment_ids, ignore_index, shift, padding_id)
         lab = _labels.restricted(lab, keep)
@@ -106,7 +107,7 @@ def linear_distillation_loss(
     segment_ids: ArrayLike | None = None,
     segment_padding_id: int | None = None,
     where: ArrayLike | None = None,
-    reduction: Reduction = "mean",
+    reduction: SoftmaxReduction = "mean",
     block_size: int | None = None,
     w_layout: Literal["dv", "vd"] = "dv",
     axis_name: Any = None,
@@ -133,9 +134,10 @@ def linear_distillation_loss(
     (Hinton et al.); the hard-label cross-entropy uses the untempered
     logits.
 
-    The default implementation streams over blocks of the vocabulary, two
-    passes forward (log-sum-exps, then the divergence from exact
-    log-probabilities) and one backward that recomputes the blocks: memory is
+    The default implementation streams over blocks of the vocabulary, one
+    pass forward (online log-sum-exps and, for a KL, its sum at the running
+    shifts; ``"jsd"`` takes a second pass, from exact log-probabilities) and
+    one backward that recomputes the blocks: memory is
     one ``[N, block]`` block per head plus a few numbers per position and the
     float32 ``dx`` accumulator, never ``O(N V)``. The teacher gets no gradient
     unless ``teacher_grad=True`` (on-policy distillation of a teacher being
@@ -167,8 +169,10 @@ def linear_distillation_loss(
         :func:`xent_jax.linear_cross_entropy`.
       where: Optional boolean mask ``[...]``: positions where it is False are
         not scored.
-      reduction: ``"mean"`` over the scored positions (default), ``"sum"``
-        or ``"none"``.
+      reduction: ``"mean"`` over the scored positions (default),
+        ``"mean_per_segment"`` (the mean within each packed sequence of
+        ``segment_ids``, each row one without them, then over the sequences
+        with a scored position), ``"sum"`` or ``"none"``.
       block_size: Classes per step; default as many as make a 16 MiB float32
         ``[N, block]`` block (a multiple of 128).
       w_layout: ``"dv"`` (default) or ``"vd"`` (embedding matrices, tied
@@ -211,7 +215,7 @@ def linear_distillation_loss(
     temperature = _options.static_float(temperature, "temperature", 0.0, low_open=True)
     _options.check_temperature(temperature, _numerics.compute_dtype(x.dtype))
     alpha = _options.static_float(alpha, "alpha", 0.0, 1.0)
-    reduction = _options.choice(reduction, _options.REDUCTIONS, "reduction")
+    reduction = _options.choice(reduction, _options.SOFTMAX_REDUCTIONS, "reduction")
     axis_name = _options.axis_names(axis_name)
     reduction_axis_name = _options.axis_names(reduction_axis_name)
     _sharding.check_reduction_axes(axis_name, reduction_axis_name)
@@ -229,6 +233,7 @@ def linear_distillation_loss(
     shift = _options.static_int(shift, "shift", minimum=0)
     lead = x.shape[:-1]
     v_global = v if axis_name is None else v * jax.lax.axis_size(axis_name)
+    segment_ids, padding_id = _segments.validate(segment_ids, lead, segment_padding_id)
     lab = _scored(
         labels,
         lead,
@@ -237,7 +242,7 @@ def linear_distillation_loss(
         ignore_index,
         shift,
         segment_ids,
-        segment_padding_id,
+        padding_id,
         where,
     )
     if not opts.teacher_grad:
@@ -252,6 +257,11 @@ def linear_distillation_loss(
         opts,
     )
     loss = _stats.finalize(flat.reshape(lead), lab.scored, lab.bad)
+    if reduction == "mean_per_segment":
+        segs = _segments.segments(segment_ids, lead)
+        weight, _, count = _segments.mean_weights(lab.scored, None, segs, loss.dtype)
+        part = Part(loss * weight, count)
+        return reduce_loss([part], "mean", reduction_axis_name=reduction_axis_name)
     count = jnp.sum(lab.scored).astype(loss.dtype)
     return reduce_loss(
         [Part(loss, count)], reduction, reduction_axis_name=reduction_axis_name

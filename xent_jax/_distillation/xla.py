@@ -2,12 +2,15 @@ r"""Distillation between two linear heads in vocabulary blocks: neither
 ``[N, V]`` logit array exists.
 
 Each step multiplies all ``N`` rows of both heads with one block of ``c``
-classes (float32 ``[N, c]`` blocks of at most ``TILE_BYTES``). Two passes
-run forward: the first folds each block into online log-sum-exps (student
-and teacher at the temperature, the student's raw logits for the hard-label
-term) and picks the label's logit; the second, with every row's
-log-sum-exp known, sums the divergence from exact log-probabilities
-(``log m`` of the Jensen-Shannon mixture needs both). The backward pass
+classes (float32 ``[N, c]`` blocks of at most ``TILE_BYTES``). The forward
+pass folds each block into online log-sum-exps (student and teacher at the
+temperature, the student's raw logits for the hard-label term), picks the
+label's logit and, for a KL ``KL(A || B)``, carries ``sum exp(a - s_a) ((a -
+s_a) - (b - s_b))`` at the heads' running shifts (moved as they grow, like
+the fused loss's entropy moment), so that ``KL = that / S_a - log S_a + log
+S_b``. The Jensen-Shannon divergence takes a second pass: with every row's
+log-sum-exp known it sums from exact log-probabilities (``log m`` of the
+mixture needs both). The backward pass
 recomputes each block, forms the logits' gradient in closed form and
 produces ``dW``'s block whole (written once, in ``W``'s dtype) and ``dx``'s
 float32 share. A ``jax.custom_vjp`` saves the inputs and a few numbers per
@@ -79,7 +82,15 @@ def _w_block(w, blk: Block, c: int, vd: bool):
 def _logits(x, w_blk, vd: bool, cdt):
     op = jnp.promote_types(x.dtype, w_blk.dtype)  # never rounds w to x's dtype
     contract = ((1,), (1,)) if vd else ((1,), (0,))
-    return dot(x.astype(op), w_blk.astype(op), contract, cdt)
+    x, w_blk = x.astype(op), w_blk.astype(op)
+    if x.shape[1] == 1:
+        # XLA makes a product over one element a multiply, fused into each
+        # consumer, where LLVM contracts "x w - max(x w)" into an FMA: its
+        # result is the product's rounding error, not 0 (one-class heads had
+        # losses and gradients of 1e-6). A zero second term keeps a sum.
+        x = jnp.pad(x, ((0, 0), (0, 1)))
+        w_blk = jnp.pad(w_blk, ((0, 1), (0, 0)) if not vd else ((0, 0), (0, 1)))
+    return dot(x, w_blk, contract, cdt)
 
 
 def _offset(v_local: int, axis_name):
@@ -99,10 +110,52 @@ class Stats(NamedTuple):
     teacher: _stats.Online  # z_t = x_t w_t / T
     raw: _stats.Online  # x w (the hard-label term's logits)
     label: jax.Array  # the raw logit of the label
+    # For a KL, sum exp(a - s_a) ((a - s_a) - (b - s_b)): ``a`` the weighing
+    # head (the teacher's for "forward_kl"), ``b`` the other, ``s`` the shifts.
+    cross: jax.Array
 
 
-def _lse(st: _stats.Online) -> jax.Array:
-    return _stats.shift_of(st.row_max) + _stats.log_of_sum(st.sum_exp)
+def _kl_heads(opts: Options, student, teacher):
+    """``(a, b)`` of ``KL(softmax a || softmax b)``, in the divergence's order."""
+    return (teacher, student) if opts.divergence == "forward_kl" else (student, teacher)
+
+
+def _cross_moved(opts: Options, cross, old: tuple, new: tuple):
+    """``Stats.cross`` moved from the heads' ``old`` shifts to their ``new``
+    ones (each a ``(student, teacher)`` pair of ``Online`` states)."""
+    (old_a, old_b), (new_a, new_b) = _kl_heads(opts, *old), _kl_heads(opts, *new)
+    da, db = _stats.shift_change(old_a, new_a), _stats.shift_change(old_b, new_b)
+    return _stats.moved_weighted_sum(cross, old_a.sum_exp, da, da - db)
+
+
+def _cross_terms(opts: Options, new: tuple, h: Heads):
+    """One block's terms of ``Stats.cross`` at the ``new`` shifts."""
+    heads, logits = _kl_heads(opts, *new), _kl_heads(opts, h.zs, h.zt)
+    za, zb = (
+        z - _stats.shift_of(st.row_max)[:, None]
+        for z, st in zip(logits, heads, strict=True)
+    )
+    return jnp.sum(_numerics.weighted(jnp.exp(za), za - zb), axis=1)
+
+
+def _kl_of(cross, a: _stats.Online, b: _stats.Online):
+    """``KL(softmax a || softmax b)`` from the completed statistics: ``E_a[(a -
+    s_a) - (b - s_b)] - log S_a + log S_b``, never below 0 (its rounding
+    could be)."""
+    s = a.sum_exp
+    mean = jnp.where(s == 0, 0, cross / jnp.where(s == 0, 1, s))
+    kl = mean - _stats.log_of_sum(s) + _stats.log_of_sum(b.sum_exp)
+    return jnp.maximum(kl, 0)
+
+
+def _log_softmax(z, st: _stats.Online) -> jax.Array:
+    """``z``'s log-probabilities in shifted coordinates, ``(z - s) - log S``:
+    the shift is not added to ``log S`` and taken off again, which would put
+    the rounding of ``z``'s product (an FMA where XLA contracts it) in every
+    probability of a one-class row."""
+    return (z - _stats.shift_of(st.row_max)[:, None]) - _stats.log_of_sum(st.sum_exp)[
+        :, None
+    ]
 
 
 def _update(st: _stats.Online, z) -> _stats.Online:
@@ -146,25 +199,32 @@ def _statistics(x, w, xt, wt, ids, opts: Options, cdt) -> Stats:
         blk = _block(k, c, v, offset)
         h = _heads(x, w, xt, wt, blk, c, opts, cdt)
         student, teacher = _update(st.student, h.zs), _update(st.teacher, h.zt)
+        cross = st.cross
+        if opts.divergence != "jsd":  # the KL in this pass
+            new = (student, teacher)
+            cross = _cross_moved(opts, cross, (st.student, st.teacher), new)
+            cross = cross + _cross_terms(opts, new, h)
         if not opts.alpha:
-            return Stats(student, teacher, st.raw, st.label)
+            return Stats(student, teacher, st.raw, st.label, cross)
         hit = ids[:, None] == blk.ids[None, :]
         label = st.label + jnp.sum(jnp.where(hit & blk.fresh, h.raw, 0), axis=1)
         raw = student if opts.temperature == 1 else _update(st.raw, h.raw)
-        return Stats(student, teacher, raw, label)
+        return Stats(student, teacher, raw, label, cross)
 
     init = _stats.online_init((n,), cdt)
     zero = jnp.zeros((n,), cdt)
-    st = _sharding.varying_like(Stats(init, init, init, zero), x, w, xt, wt)
+    st = _sharding.varying_like(Stats(init, init, init, zero, zero), x, w, xt, wt)
     st = _for_blocks(v, c, step, st)
     axis = opts.axis_name
-    label = st.label if axis is None else jax.lax.psum(st.label, axis)
-    return Stats(
-        _combine(st.student, axis),
-        _combine(st.teacher, axis),
-        _combine(st.raw, axis),
-        label,
-    )
+    if axis is None:
+        return st
+    student, teacher = _combine(st.student, axis), _combine(st.teacher, axis)
+    cross = st.cross
+    if opts.divergence != "jsd":  # moved to the global shifts, then summed
+        old, new = (st.student, st.teacher), (student, teacher)
+        cross = _cross_moved(opts, cross, old, new)
+    label, cross = jax.lax.psum((st.label, cross), axis)
+    return Stats(student, teacher, _combine(st.raw, axis), label, cross)
 
 
 class LogProbs(NamedTuple):
@@ -173,9 +233,8 @@ class LogProbs(NamedTuple):
     m: jax.Array | None  # the mixture's, for "jsd"
 
 
-def _log_probs(h: Heads, lse_s, lse_t, opts: Options) -> LogProbs:
-    q = h.zs - lse_s[:, None]
-    p = h.zt - lse_t[:, None]
+def _log_probs(h: Heads, student, teacher, opts: Options) -> LogProbs:
+    q, p = _log_softmax(h.zs, student), _log_softmax(h.zt, teacher)
     m = None
     if opts.divergence == "jsd":
         b = opts.beta
@@ -203,22 +262,34 @@ def _divergence_sums(lp: LogProbs, opts: Options) -> tuple[jax.Array, jax.Array]
 
 
 class Saved(NamedTuple):
-    lse_s: jax.Array
-    lse_t: jax.Array
-    lse_raw: jax.Array
+    student: _stats.Online
+    teacher: _stats.Online
+    raw: _stats.Online
     kl_p: jax.Array  # KL(P || Q) or KL(P || M)
     kl_q: jax.Array  # KL(Q || P) or KL(Q || M)
 
 
 def _forward(x, w, xt, wt, ids, opts: Options, cdt) -> tuple[jax.Array, Saved]:
     st = _statistics(x, w, xt, wt, ids, opts, cdt)
-    lse_s, lse_t, lse_raw = _lse(st.student), _lse(st.teacher), _lse(st.raw)
+    if opts.divergence != "jsd":
+        kl = _kl_of(st.cross, *_kl_heads(opts, st.student, st.teacher))
+        zero = jnp.zeros_like(kl)
+        kl_p, kl_q = (kl, zero) if opts.divergence == "forward_kl" else (zero, kl)
+        saved = Saved(st.student, st.teacher, st.raw, kl_p, kl_q)
+        return _row_loss(saved, st.label, opts), saved
+    return _jsd_forward(x, w, xt, wt, opts, cdt, st)
+
+
+def _jsd_forward(x, w, xt, wt, opts: Options, cdt, st: Stats):
+    """The second pass "jsd" needs: ``log M`` takes both heads' exact
+    log-probabilities."""
     n, v = x.shape[0], _classes(w, opts.vd)
     c, offset = class_block(n, v, opts.block_size), _offset(v, opts.axis_name)
 
     def step(k, sums):
         blk = _block(k, c, v, offset)
-        lp = _log_probs(_heads(x, w, xt, wt, blk, c, opts, cdt), lse_s, lse_t, opts)
+        h = _heads(x, w, xt, wt, blk, c, opts, cdt)
+        lp = _log_probs(h, st.student, st.teacher, opts)
         return tuple(
             s + d for s, d in zip(sums, _divergence_sums(lp, opts), strict=True)
         )
@@ -227,7 +298,7 @@ def _forward(x, w, xt, wt, ids, opts: Options, cdt) -> tuple[jax.Array, Saved]:
     kl_p, kl_q = _for_blocks(v, c, step, (zero, zero))
     if opts.axis_name is not None:
         kl_p, kl_q = jax.lax.psum((kl_p, kl_q), opts.axis_name)
-    saved = Saved(lse_s, lse_t, lse_raw, kl_p, kl_q)
+    saved = Saved(st.student, st.teacher, st.raw, kl_p, kl_q)
     return _row_loss(saved, st.label, opts), saved
 
 
@@ -240,7 +311,9 @@ def _row_loss(s: Saved, label, opts: Options):
     }
     loss = (1 - opts.alpha) * opts.temperature**2 * div[opts.divergence]
     if opts.alpha:
-        loss = loss + opts.alpha * (s.lse_raw - label)
+        shift = _stats.shift_of(s.raw.row_max)
+        ce = _stats.log_of_sum(s.raw.sum_exp) - (label - shift)
+        loss = loss + opts.alpha * ce
     return loss
 
 
@@ -268,7 +341,7 @@ def _logit_gradients(h: Heads, lp: LogProbs, s: Saved, g, ids, blk: Block, opts)
     ds = gs * ds
     if opts.alpha:
         hit = ids[:, None] == blk.ids[None, :]
-        soft = jnp.exp(h.raw - s.lse_raw[:, None])
+        soft = jnp.exp(_log_softmax(h.raw, s.raw))
         ds = ds + (opts.alpha * g)[:, None] * (soft - hit)
     keep = blk.fresh[None, :] & (g != 0)[:, None]
     ds = jnp.where(keep, ds, 0)
@@ -313,7 +386,7 @@ def _bwd(opts: Options, res, g):
         dx, dw, dxt, dwt = carry
         blk = _block(k, c, v, offset)
         h = _heads(x, w, xt, wt, blk, c, opts, cdt)
-        lp = _log_probs(h, s.lse_s, s.lse_t, opts)
+        lp = _log_probs(h, s.student, s.teacher, opts)
         ds, dt = _logit_gradients(h, lp, s, g, ids, blk, opts)
         dx_blk, dw = _grad_block(x, w, dw, ds, blk, c, opts, cdt)
         if dt is not None:
