@@ -1,7 +1,9 @@
-"""Wall-clock medians for the benchmark scripts (imported by them)."""
+"""Wall-clock medians, compiled memory and the machine's load for the
+benchmark scripts (imported by them)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -46,3 +48,15 @@ def median_times(
         for name in names[i % len(names) :] + names[: i % len(names)]:
             times[name].append(timed(name))
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temp_mib(fn, args) -> float:
+    """The compiled temporaries of the jitted ``fn`` on ``args`` (arrays or
+    ``ShapeDtypeStruct``s), MiB (``memory_analysis()``; compiles only)."""
+    compiled = fn.lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, to print beside timings."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -22,18 +22,15 @@ Run: ``python benchmarks/bench_contrastive.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import median_times  # benchmarks/_timing.py
+from _timing import load_average, median_times, temp_mib  # benchmarks/_timing.py
 
 from xent_jax import clip_loss, siglip_loss
-
-MiB = 2**20
 
 
 def materialised_clip(a, b, scale):
@@ -83,11 +80,6 @@ def inputs(name: str, n: int, d: int, dtype, seed: int = 0):
     return (unit((n, d)), unit((n, d))) + extra
 
 
-def temp_mib(fn, args) -> float:
-    compiled = fn.lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / MiB
-
-
 def memory_table(ns, d: int, dtype) -> None:
     print(f"\n### Compiled temp MiB, D={d}, {jnp.dtype(dtype).name}")
     print("\n| loss | N | materialised | xent | xent / materialised |")
@@ -103,7 +95,7 @@ def memory_table(ns, d: int, dtype) -> None:
 def time_table(shapes, dtypes, repeats: int) -> None:
     print(
         "\n### value_and_grad, median ms (rotating order), "
-        "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        "load average " + load_average()
     )
     print(
         "\n| loss | N x D | dtype | materialised | xent | 3-GEMM floor | "
@@ -122,7 +114,7 @@ def time_table(shapes, dtypes, repeats: int) -> None:
                     f" | {f:.1f} | {x / m:.2f} | {x / f:.2f} |"
                 )
                 sys.stdout.flush()
-    print("\nload average after: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print("\nload average after: " + load_average())
 
 
 def main() -> None:

@@ -23,18 +23,16 @@ Run: ``python benchmarks/bench_distillation.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import median_times  # benchmarks/_timing.py
+from _timing import load_average, median_times, temp_mib  # benchmarks/_timing.py
 
 from xent_jax import linear_distillation_loss
 
-MiB = 2**20
 T, ALPHA = 2.0, 0.5
 
 
@@ -77,10 +75,6 @@ def specs(n, d, v, dtype):
     )
 
 
-def temp_mib(fn, args) -> float:
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes / MiB
-
-
 def memory_table(shapes, dtype) -> None:
     print(f"\n### Compiled temp MiB, {jnp.dtype(dtype).name}")
     print("\n| N x D x V | materialised | xent | xent / materialised |")
@@ -108,7 +102,7 @@ def inputs(n, d, v, dtype, seed=0):
 
 
 def time_table(shapes, dtypes, repeats: int) -> None:
-    load = ", ".join(f"{a:.2f}" for a in os.getloadavg())
+    load = load_average()
     print(f"\n### value_and_grad, median ms (rotating order), load average {load}")
     print(
         "\n| N x D x V | dtype | materialised | xent | 4-GEMM floor | "
@@ -126,8 +120,7 @@ def time_table(shapes, dtypes, repeats: int) -> None:
                 f"{f:.1f} | {x / m:.2f} | {x / f:.2f} |"
             )
             sys.stdout.flush()
-    load = ", ".join(f"{a:.2f}" for a in os.getloadavg())
-    print(f"\nload average after: {load}")
+    print(f"\nload average after: {load_average()}")
 
 
 def main() -> None:

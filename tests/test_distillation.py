@@ -464,6 +464,25 @@ def test_memory_is_flat_in_the_vocabulary_and_a_tenth_of_materialising():
 # --- bad input -----------------------------------------------------------------------
 
 
+def test_any_number_of_leading_axes():
+    # Positions [2, 1, 3, 2]: the per-position losses are the flat ones.
+    x, w, xt, wt, y = _data(n=12, dtype=np.float32, seed=13)
+    lead = (2, 1, 3, 2)
+    f = xj.linear_distillation_loss
+    got = f(
+        x.reshape(lead + (-1,)),
+        w,
+        xt.reshape(lead + (-1,)),
+        wt,
+        y.reshape(lead),
+        alpha=0.5,
+        reduction="none",
+    )
+    want = f(x, w, xt, wt, y, alpha=0.5, reduction="none")
+    assert got.shape == lead
+    assert_close(got.reshape(-1), want, rtol=1e-6, atol=1e-7, err_msg="5-D")
+
+
 def test_bad_input_raises_naming_the_argument():
     x, w, xt, wt, y = _data(dtype=np.float32)
     f = xj.linear_distillation_loss
@@ -473,6 +492,8 @@ def test_bad_input_raises_naming_the_argument():
         f(x, w, xt, wt[:, :-1])
     with pytest.raises(ValueError, match=r"\bx\b must have shape"):
         f(x[:, :-1], w, xt, wt)
+    with pytest.raises(ValueError, match=r"teacher_x must be \[..., D\]; got a scalar"):
+        f(x, w, xt[0, 0], wt)
     with pytest.raises(ValueError, match=r"teacher_x must have shape"):
         f(x, w, xt[:-1], wt)
     with pytest.raises(TypeError, match=r"teacher_w must have a floating dtype"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from xent_jax import _compat
 
@@ -104,6 +105,19 @@ def match_varying(ct: jax.Array, primal: Any) -> jax.Array:
     if extra:
         ct = jax.lax.psum(ct, extra)
     return varying_like(ct, primal)
+
+
+def cotangent(ct: jax.Array, primal: Any) -> jax.Array:
+    """A custom_vjp's cotangent for ``primal``: its dtype, shape and sharding,
+    summed over the axes ``primal`` was replicated over (:func:`like`,
+    :func:`match_varying`)."""
+    ct = ct.astype(jnp.result_type(primal)).reshape(jnp.shape(primal))
+    return match_varying(like(ct, primal), primal)
+
+
+def zeros(shape, dtype, *refs: Any) -> jax.Array:
+    """An accumulator of zeros varying like ``refs`` (:func:`varying_like`)."""
+    return varying_like(jnp.zeros(shape, dtype), *refs)
 
 
 def check_reduction_axes(axis_name: Any, reduction_axis_name: Any) -> None:

@@ -115,17 +115,6 @@ def _ring(axis_name, home, visit, carry, moving, back):
     return carry, hop(back(moving))
 
 
-def _zeros_like_varying(shape, dtype, *refs):
-    return _sharding.varying_like(jnp.zeros(shape, dtype), *refs)
-
-
-def _cotangent(ct, primal):
-    """``ct`` in ``primal``'s dtype and shape, summed over the devices where
-    ``primal`` was replicated (see ``_sharding.match_varying``)."""
-    ct = ct.astype(jnp.result_type(primal)).reshape(jnp.shape(primal))
-    return _sharding.match_varying(_sharding.like(ct, primal), primal)
-
-
 # --------------------------------------------------------------------- CLIP
 
 
@@ -184,7 +173,7 @@ def _clip_statistics(a, b, scale, r, axis_name, cdt):
 
     rows = _sharding.varying_like(_stats.online_init((n,), cdt), a, b)
     cols = _sharding.varying_like(_stats.online_init((m,), cdt), a, b)
-    own = _zeros_like_varying((n,), cdt, a, b)
+    own = _sharding.zeros((n,), cdt, a, b)
     (rows, own), cols = _ring(
         axis_name, run(True), run(False), (rows, own), (b, cols), lambda m: m[1]
     )
@@ -262,14 +251,18 @@ def _clip_bwd(block_size, axis_name, res, g):
 
         return go
 
-    da = _zeros_like_varying(a.shape, cdt, a, b)
-    db = _zeros_like_varying(b.shape, cdt, a, b)
-    dscale = _zeros_like_varying((), cdt, a, b)
+    da = _sharding.zeros(a.shape, cdt, a, b)
+    db = _sharding.zeros(b.shape, cdt, a, b)
+    dscale = _sharding.zeros((), cdt, a, b)
     moving = (b, g, st.cols, db)
     (da, dscale), db = _ring(
         axis_name, run(True), run(False), (da, dscale), moving, lambda m: m[3]
     )
-    return _cotangent(sc * da, a), _cotangent(sc * db, b), _cotangent(dscale, scale)
+    return (
+        _sharding.cotangent(sc * da, a),
+        _sharding.cotangent(sc * db, b),
+        _sharding.cotangent(dscale, scale),
+    )
 
 
 clip_xla.defvjp(_clip_fwd, _clip_bwd)
@@ -316,7 +309,7 @@ def _siglip_fwd(a, b, scale, bias, block_size, axis_name):
 
         return go
 
-    loss = _zeros_like_varying(a.shape[:1], cdt, a, b)
+    loss = _sharding.zeros(a.shape[:1], cdt, a, b)
     loss, _ = _ring(axis_name, run(True), run(False), loss, b, lambda m: ())
     return loss, (a, b, scale, bias)
 
@@ -352,7 +345,7 @@ def _siglip_bwd(block_size, axis_name, res, g):
         return go
 
     def zeros(shape):
-        return _zeros_like_varying(shape, cdt, a, b)
+        return _sharding.zeros(shape, cdt, a, b)
 
     carry = (zeros(a.shape), zeros(()), zeros(()))
     moving = (b, zeros(b.shape))
@@ -361,7 +354,7 @@ def _siglip_bwd(block_size, axis_name, res, g):
     )
     cts = (sc * da, sc * db, dscale, dbias)
     return tuple(
-        _cotangent(c, p) for c, p in zip(cts, (a, b, scale, bias), strict=True)
+        _sharding.cotangent(c, p) for c, p in zip(cts, (a, b, scale, bias), strict=True)
     )
 
 

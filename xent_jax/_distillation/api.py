@@ -37,7 +37,8 @@ def _head(x, w, vd: bool, xname: str, wname: str):
     layout = "(V, D)" if vd else "(D, V)"
     _checks.check_rank(w, 2, f"{wname} must have shape {layout}; got {w.shape}.")
     d, v = (w.shape[1], w.shape[0]) if vd else w.shape
-    _checks.check_rank(x, {1, 2, 3, 4}, f"{xname} must be [..., D]; got {x.shape}.")
+    if x.ndim == 0:
+        raise ValueError(f"{xname} must be [..., D]; got a scalar.")
     _checks.check_shape(x, (..., d), xname, f" (..., D) with D = {d} from {wname}")
     return x, w, v
 

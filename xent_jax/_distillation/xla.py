@@ -294,7 +294,7 @@ def _jsd_forward(x, w, xt, wt, opts: Options, cdt, st: Stats):
             s + d for s, d in zip(sums, _divergence_sums(lp, opts), strict=True)
         )
 
-    zero = _sharding.varying_like(jnp.zeros((n,), cdt), x, w, xt, wt)
+    zero = _sharding.zeros((n,), cdt, x, w, xt, wt)
     kl_p, kl_q = _for_blocks(v, c, step, (zero, zero))
     if opts.axis_name is not None:
         kl_p, kl_q = jax.lax.psum((kl_p, kl_q), opts.axis_name)
@@ -395,7 +395,7 @@ def _bwd(opts: Options, res, g):
         return dx + dx_blk, dw, dxt, dwt
 
     def zeros(a, dtype):
-        return _sharding.varying_like(jnp.zeros(a.shape, dtype), x, w, xt, wt)
+        return _sharding.zeros(a.shape, dtype, x, w, xt, wt)
 
     # Without teacher_grad the teacher's cotangents are None (zero), never
     # a W-sized array of zeros.
@@ -405,9 +405,7 @@ def _bwd(opts: Options, res, g):
     carry = (zeros(x, cdt), zeros(w, w.dtype), *teacher)
     cts = _for_blocks(v, c, step, carry)
     out = [
-        None
-        if ct is None
-        else _sharding.match_varying(_sharding.like(ct.astype(p.dtype), p), p)
+        None if ct is None else _sharding.cotangent(ct, p)
         for ct, p in zip(cts, (x, w, xt, wt), strict=True)
     ]
     return (*out, None)

@@ -379,7 +379,7 @@ def _zeros(needed: bool, shape_and_dtype, *refs):
     gradient is not asked for."""
     if not needed:
         return None
-    return _sharding.varying_like(jnp.zeros(*shape_and_dtype()), *refs)
+    return _sharding.zeros(*shape_and_dtype(), *refs)
 
 
 def _zeros_like_block(total, shape, cdt):

@@ -220,7 +220,7 @@ def _token_pass(args, spec, dtype):
         part = acc["dx"][:size, : spec.d].astype(dtype)
         return jax.lax.dynamic_update_slice(dx, part, (begin, 0))
 
-    dx = _sharding.varying_like(jnp.zeros((spec.n, spec.d), dtype), args)
+    dx = _sharding.zeros((spec.n, spec.d), dtype, args)
     return lay.for_blocks(spec.n, _span(spec.n, spec.tn, d_pad * 4), launch, dx)
 
 
@@ -260,7 +260,7 @@ def _vocab_pass(args, spec, wanted, dtype):
             return jax.lax.dynamic_update_slice(dw, part.astype(dtype), at), full
 
         shape = (spec.v, spec.d) if spec.rows else (spec.d, spec.v)
-        dw = _sharding.varying_like(jnp.zeros(shape, dtype), args)
+        dw = _sharding.zeros(shape, dtype, args)
         span = _span(spec.v, spec.tv, d_pad * 4)
         dw, full = lay.for_blocks(spec.v, span, span_launch, (dw, full))
     dx = full.get("dx")
