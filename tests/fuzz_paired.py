@@ -69,6 +69,8 @@ def draw_contrastive(draw, st) -> PairedCase:
     arrays = {"a": _exact(a, dtype), "b": _exact(b, dtype), "scale": np.float64(scale)}
     if loss == "siglip":
         arrays["bias"] = np.float64(draw(st.sampled_from((-10.0, 0.0, 3.0))))
+    if draw(st.booleans()):  # padding pairs (the NaN one may be among them)
+        arrays["where"] = rng.random(n) < 0.7
     block = draw(st.one_of(st.none(), st.integers(1, n + 3)))
     reduction = draw(st.sampled_from(("mean", "sum", "none")))
     options = {"block_size": block, "reduction": reduction}
@@ -136,7 +138,8 @@ def _package_loss(case: PairedCase):
 
         def loss(arrays):
             scalars = [arrays["scale"]] + ([arrays["bias"]] if "bias" in arrays else [])
-            return fn(arrays["a"], arrays["b"], *scalars, **opts)
+            kw = dict(opts, where=arrays.get("where"))
+            return fn(arrays["a"], arrays["b"], *scalars, **kw)
 
         return loss
 
@@ -195,14 +198,17 @@ def _oracle_loss(case: PairedCase):
             return ref.mean_per_segment(terms, index)
         return total / count if count else total * 0
 
-    if case.loss == "clip":
-        return lambda a: reduce(
-            ref.clip_pairs(a["a"], a["b"], a["scale"]), a["a"].shape[0]
-        )
-    if case.loss == "siglip":
-        return lambda a: reduce(
-            ref.siglip_pairs(a["a"], a["b"], a["scale"], a["bias"]), a["a"].shape[0]
-        )
+    if case.loss in ("clip", "siglip"):
+        n = case.arrays["a"].shape[0]
+        kept = np.flatnonzero(case.arrays.get("where", np.ones(n, bool)))
+
+        def pairs(a):  # the kept pairs alone, 0 elsewhere
+            scalars = [a["scale"]] + ([a["bias"]] if "bias" in a else [])
+            f = ref.clip_pairs if case.loss == "clip" else ref.siglip_pairs
+            per = f(a["a"][kept], a["b"][kept], *scalars)
+            return jnp.zeros(n, per.dtype).at[kept].set(per)
+
+        return lambda a: reduce(pairs(a), kept.size)
     scored = _scored(case)
     labels = case.arrays.get("labels")
     if labels is not None and opts["shift"]:

@@ -1155,6 +1155,48 @@ def case_contrastive_ring():
                         for _, (_, _, largest) in found.items():
                             assert largest <= 2 * block, (key, found)
                         report[key] = {"max_abs_error": err, "collectives": found}
+        report.update(_contrastive_ring_where(kind, fn, args))
+    return report
+
+
+def _contrastive_ring_where(kind, fn, args):
+    """``where`` around the ring: the kept pairs' mask travels with their
+    columns (8 devices, every implementation, "mean" and "none")."""
+    n = args[0].shape[0]
+    keep = jnp.asarray(np.arange(n) % 5 != 2)
+    nums = tuple(range(len(args)))
+    mesh = _mesh((8, 1))
+    specs = (P("data"), P("data")) + (P(),) * (len(args) - 2) + (P("data"),)
+    report = {}
+    for impl in ("xla", "reference"):
+        for reduction in ("mean", "none"):
+
+            def local(*x, impl=impl, reduction=reduction):
+                *x, w = x
+                return fn(
+                    *x,
+                    where=w,
+                    reduction=reduction,
+                    block_size=3,
+                    axis_name="data",
+                    implementation=impl,
+                )
+
+            out = P("data") if reduction == "none" else P()
+            sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out)
+
+            def total(*x, f=sharded):
+                v = f(*x, keep)
+                return jnp.sum(v * (1 + jnp.arange(v.size) % 3))
+
+            def alone(*x, reduction=reduction):
+                v = fn(*x, where=keep, reduction=reduction)
+                return jnp.sum(v * (1 + jnp.arange(v.size) % 3))
+
+            key = f"{kind} {impl} {reduction} where 8x1"
+            got = jax.jit(jax.value_and_grad(total, argnums=nums))(*args)
+            want = jax.value_and_grad(alone, argnums=nums)(*args)
+            report[key] = {"max_abs_error": _close(got, want, key, 1e-4, 1e-5)}
     return report
 
 

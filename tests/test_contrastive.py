@@ -65,6 +65,10 @@ def _loss(kind):
     return {"clip": xj.clip_loss, "siglip": xj.siglip_loss}[kind]
 
 
+def ref_loss(kind):
+    return {"clip": ref.clip_pairs, "siglip": ref.siglip_pairs}[kind]
+
+
 def _oracle(kind):
     return {"clip": ref.clip_pairs, "siglip": ref.siglip_pairs}[kind]
 
@@ -307,6 +311,46 @@ def test_memory_is_blocks_plus_linear_in_n_never_n_squared(kind):
     assert large <= 2.2 * small, (small, large)  # linear, not quadratic, in N
 
 
+@F64
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_where_equals_slicing_the_pairs(kind, impl):
+    # Padding pairs dropped by where: the loss of the kept pairs alone, 0
+    # and exactly zero gradient for the dropped ones, the mean over the kept;
+    # a NaN in a dropped pair (uninitialised padding) reaches nothing.
+    args = _args(kind, 11, 4, seed=21)
+    args = (args[0].at[1, 0].set(jnp.nan), args[1].at[4, 2].set(jnp.inf), *args[2:])
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], bool)
+    f = _loss(kind)
+    nums = tuple(range(len(args)))
+
+    def masked(*a, reduction="mean"):
+        return f(*a, where=keep, reduction=reduction, block_size=3, implementation=impl)
+
+    def sliced(*a):
+        return ref_loss(kind)(a[0][keep], a[1][keep], *a[2:]).mean()
+
+    got = jax.value_and_grad(masked, argnums=nums)(*args)
+    want = jax.value_and_grad(sliced, argnums=nums)(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for grad in got[1][:2]:
+        np.testing.assert_array_equal(np.asarray(grad)[~keep], 0)
+    per = masked(*args, reduction="none")
+    np.testing.assert_array_equal(np.asarray(per)[~keep], 0)
+    assert_close(
+        np.asarray(per)[keep], ref_loss(kind)(args[0][keep], args[1][keep], *args[2:])
+    )
+    # Nothing kept: loss 0, gradients exactly 0, no NaN.
+    none = np.zeros(11, bool)
+    value, grads = jax.value_and_grad(
+        lambda *a: f(*a, where=none, implementation=impl), argnums=nums
+    )(*args)
+    assert float(value) == 0
+    for grad in grads:
+        np.testing.assert_array_equal(grad, 0)
+
+
 # --- bad input ----------------------------------------------------------------
 
 
@@ -334,6 +378,12 @@ def test_bad_input_raises_naming_the_argument(kind):
         f(a, b, *extra, block_size=2.0)
     with pytest.raises(ValueError, match=r"implementation must be one of"):
         f(a, b, *extra, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match=r"where must have shape \(4,\).*\(3,\)"):
+        f(a, b, *extra, where=jnp.ones(3, bool))
+    with pytest.raises(
+        TypeError, match=r"where must be a boolean mask; got dtype int32"
+    ):
+        f(a, b, *extra, where=jnp.ones(4, jnp.int32))
 
 
 def test_row_block_defaults():

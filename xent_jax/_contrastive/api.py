@@ -34,14 +34,35 @@ def _scalar(value, name: str) -> jax.Array:
     return value
 
 
-def _run(op, arrays, reduction, block_size, axis_name, implementation):
+def _kept(where, n: int) -> jax.Array | None:
+    if where is None:
+        return None
+    where = _checks.as_array(where, "where")
+    _checks.check_bool(where, "where")
+    _checks.check_shape(where, (n,), "where", hint=" (one entry per pair)")
+    return where
+
+
+def _run(op, arrays, where, reduction, block_size, axis_name, implementation):
     reduction = _options.choice(reduction, _options.REDUCTIONS, "reduction")
     block_size = _options.optional(_options.static_int, block_size, "block_size", 1)
     axis_name = _options.axis_names(axis_name)
     impl = _registry.lookup(op, implementation)
-    per_pair = impl(*arrays, block_size, axis_name)
-    n = jnp.asarray(per_pair.shape[0], per_pair.dtype)
-    return reduce_loss([Part(per_pair, n)], reduction, reduction_axis_name=axis_name)
+    kept = _kept(where, arrays[0].shape[0])
+    if kept is not None:
+        # Dropped pairs' embeddings become 0: a NaN or inf there reaches no
+        # product (0 x NaN in a masked tile's gradient would still be NaN).
+        arrays = tuple(jnp.where(kept[:, None], v, 0) for v in arrays[:2]) + tuple(
+            arrays[2:]
+        )
+    per_pair = impl(*arrays, kept, block_size, axis_name)
+    if kept is None:
+        count = jnp.asarray(per_pair.shape[0], per_pair.dtype)
+    else:
+        per_pair = jnp.where(kept, per_pair, 0)
+        count = jnp.sum(kept).astype(per_pair.dtype)
+    part = Part(per_pair, count)
+    return reduce_loss([part], reduction, reduction_axis_name=axis_name)
 
 
 def clip_loss(
@@ -49,6 +70,7 @@ def clip_loss(
     b: ArrayLike,
     scale: ArrayLike,
     *,
+    where: ArrayLike | None = None,
     reduction: Reduction = "mean",
     block_size: int | None = None,
     axis_name: Any = None,
@@ -81,6 +103,10 @@ def clip_loss(
         ``i`` is ``(a[i], b[i])``.
       scale: Scalar logit scale :math:`\tau` (e.g. ``jnp.exp(log_scale)``),
         differentiable.
+      where: Optional boolean ``[N]``: the pairs to keep (a batch padded to
+        a fixed size under ``jit``). A dropped pair is in no row's or
+        column's log-sum-exp; its loss is 0, its embeddings' gradient
+        exactly 0, and ``"mean"`` divides by the number kept.
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per pair,
         ``[N]``).
       block_size: Rows per step; default: as many as make a 16 MiB float32
@@ -111,7 +137,7 @@ def clip_loss(
     """
     a, b = _embeddings(a, b)
     arrays = (a, b, _scalar(scale, "scale"))
-    return _run("clip", arrays, reduction, block_size, axis_name, implementation)
+    return _run("clip", arrays, where, reduction, block_size, axis_name, implementation)
 
 
 def siglip_loss(
@@ -120,6 +146,7 @@ def siglip_loss(
     scale: ArrayLike,
     bias: ArrayLike,
     *,
+    where: ArrayLike | None = None,
     reduction: Reduction = "mean",
     block_size: int | None = None,
     axis_name: Any = None,
@@ -147,6 +174,8 @@ def siglip_loss(
       b: ``[N, D]`` embeddings of the other side, ``a``'s dtype.
       scale: Scalar :math:`\tau` (e.g. ``jnp.exp(t)``), differentiable.
       bias: Scalar :math:`\beta`, differentiable.
+      where: Optional boolean ``[N]``, the pairs to keep, as in
+        :func:`clip_loss`: the sums run over kept pairs only.
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (``[N]``).
       block_size: Rows per step, as in :func:`clip_loss`.
       axis_name: The mesh axis the pairs are split over, as in
@@ -168,4 +197,6 @@ def siglip_loss(
     """
     a, b = _embeddings(a, b)
     arrays = (a, b, _scalar(scale, "scale"), _scalar(bias, "bias"))
-    return _run("siglip", arrays, reduction, block_size, axis_name, implementation)
+    return _run(
+        "siglip", arrays, where, reduction, block_size, axis_name, implementation
+    )

@@ -32,22 +32,45 @@ def _own(s_rows, offset):
     return s_rows[jnp.arange(n), offset + jnp.arange(n)]
 
 
+def _kept(valid, axis_name):
+    """``(this device's pairs, every pair)`` kept by ``where``; ``None``
+    without it."""
+    if valid is None:
+        return None, None
+    if axis_name is None:
+        return valid, valid
+    return valid, jax.lax.all_gather(valid, axis_name, tiled=True)
+
+
+def _drop(s, rows, cols, fill):
+    """``s`` without the pairs ``where`` drops: ``fill`` (``-inf``, out of a
+    log-sum-exp) where a kept row meets a dropped column, 0 on dropped rows
+    (finite, their loss is zeroed after)."""
+    if rows is None:
+        return s
+    return jnp.where(rows[:, None], jnp.where(cols[None, :], s, fill), 0)
+
+
 @_registry.register("clip", "reference")
-def clip(a, b, scale, block_size: int | None, axis_name: Any):
+def clip(a, b, scale, valid, block_size: int | None, axis_name: Any):
     del block_size
     s_rows, s_cols, offset = _similarities(a, b, scale, axis_name)
     own = _own(s_rows, offset)
-    by_row = jax.nn.logsumexp(s_rows, axis=1) - own
+    mine, every = _kept(valid, axis_name)
+    by_row = jax.nn.logsumexp(_drop(s_rows, mine, every, -jnp.inf), axis=1) - own
+    s_cols = _drop(s_cols.T, mine, every, -jnp.inf).T
     by_col = jax.nn.logsumexp(s_cols, axis=0) - own
     return 0.5 * (by_row + by_col)
 
 
 @_registry.register("siglip", "reference")
-def siglip(a, b, scale, bias, block_size: int | None, axis_name: Any):
+def siglip(a, b, scale, bias, valid, block_size: int | None, axis_name: Any):
     del block_size
     s_rows, _, offset = _similarities(a, b, scale, axis_name)
     s_rows = s_rows + bias.astype(s_rows.dtype)
     n = s_rows.shape[0]
     is_pair = (offset + jnp.arange(n))[:, None] == jnp.arange(s_rows.shape[1])
     signs = jnp.where(is_pair, 1.0, -1.0).astype(s_rows.dtype)
-    return -jnp.sum(jax.nn.log_sigmoid(signs * s_rows), axis=1)
+    mine, every = _kept(valid, axis_name)
+    terms = _drop(-jax.nn.log_sigmoid(signs * s_rows), mine, every, 0)
+    return jnp.sum(terms, axis=1)

@@ -84,6 +84,18 @@ def _put_rows(v: jax.Array, rows: jax.Array, t: Tile) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(v, rows, t.start, 0)
 
 
+def _kept(t: Tile, valid, valid_cols):
+    """``[r, m]``: the pairs of the tile both of whose sides are kept
+    (``where``), or ``None`` without a mask."""
+    if valid is None:
+        return None
+    return _rows(valid, t)[:, None] & valid_cols[None, :]
+
+
+def _masked(x, kept, fill):
+    return x if kept is None else jnp.where(kept, x, fill)
+
+
 def _for_tiles(a, b, r: int, cdt, step, carry):
     """``step(tile, carry)`` over the row blocks of ``a`` against ``b``."""
 
@@ -130,10 +142,11 @@ def _lse_minus(st: _stats.Online, v: jax.Array) -> jax.Array:
     return (_stats.shift_of(st.row_max) - v) + _stats.log_of_sum(st.sum_exp)
 
 
-def _clip_forward_step(scale, home: bool):
+def _clip_forward_step(scale, valid, valid_cols, home: bool):
     def step(t: Tile, carry):
         rows, cols, own = carry
-        s = scale * t.raw
+        s_pair = scale * t.raw
+        s = _masked(s_pair, _kept(t, valid, valid_cols), -jnp.inf)
         old = _stats.Online(*(_rows(v, t) for v in rows))
         new = _stats.online_update(
             old, jnp.max(s, axis=1), lambda sh: jnp.sum(jnp.exp(s - sh[:, None]), 1)
@@ -146,28 +159,24 @@ def _clip_forward_step(scale, home: bool):
             cols, jnp.max(sf, axis=0), lambda sh: jnp.sum(jnp.exp(sf - sh), 0)
         )
         if home:
-            own = _put_rows(own, jnp.sum(jnp.where(t.diagonal(), s, 0), axis=1), t)
+            own = _put_rows(own, jnp.sum(jnp.where(t.diagonal(), s_pair, 0), 1), t)
         return rows, cols, own
 
     return step
 
 
-def _clip_statistics(a, b, scale, r, axis_name, cdt):
+def _clip_statistics(a, b, scale, valid, r, axis_name, cdt):
     n, m = a.shape[0], b.shape[0]
     scale = scale.astype(cdt)
 
     def run(home):
         def go(carry, moving):
-            bv, cols = moving
+            bv, valid_cols, cols = moving
+            step = _clip_forward_step(scale, valid, valid_cols, home)
             rows, cols, own = _for_tiles(
-                a,
-                bv,
-                r,
-                cdt,
-                _clip_forward_step(scale, home),
-                (carry[0], cols, carry[1]),
+                a, bv, r, cdt, step, (carry[0], cols, carry[1])
             )
-            return (rows, own), (bv, cols)
+            return (rows, own), (bv, valid_cols, cols)
 
         return go
 
@@ -175,7 +184,7 @@ def _clip_statistics(a, b, scale, r, axis_name, cdt):
     cols = _sharding.varying_like(_stats.online_init((m,), cdt), a, b)
     own = _sharding.zeros((n,), cdt, a, b)
     (rows, own), cols = _ring(
-        axis_name, run(True), run(False), (rows, own), (b, cols), lambda m: m[1]
+        axis_name, run(True), run(False), (rows, own), (b, valid, cols), lambda m: m[2]
     )
     return ClipStats(rows, cols), own
 
@@ -184,16 +193,16 @@ def _clip_loss(st: ClipStats, own):
     return 0.5 * (_lse_minus(st.rows, own) + _lse_minus(st.cols, own))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def clip_xla(a, b, scale, block_size, axis_name):
-    return _clip_fwd(a, b, scale, block_size, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def clip_xla(a, b, scale, valid, block_size, axis_name):
+    return _clip_fwd(a, b, scale, valid, block_size, axis_name)[0]
 
 
-def _clip_fwd(a, b, scale, block_size, axis_name):
+def _clip_fwd(a, b, scale, valid, block_size, axis_name):
     cdt = _numerics.compute_dtype(a.dtype)
     r = row_block(a.shape[0], b.shape[0], block_size)
-    st, own = _clip_statistics(a, b, scale, r, axis_name, cdt)
-    return _clip_loss(st, own), (a, b, scale, st)
+    st, own = _clip_statistics(a, b, scale, valid, r, axis_name, cdt)
+    return _clip_loss(st, own), (a, b, scale, valid, st)
 
 
 def _softmax_of(s, st: _stats.Online, axis: int):
@@ -202,10 +211,11 @@ def _softmax_of(s, st: _stats.Online, axis: int):
     return jnp.exp((s - jnp.expand_dims(shift, axis)) - jnp.expand_dims(log_se, axis))
 
 
-def _clip_backward_step(scale, g, rows: _stats.Online, home: bool, cdt):
+def _clip_backward_step(scale, g, rows: _stats.Online, valid, home: bool, cdt):
     def step(t: Tile, carry):
-        da, dscale, (bv, g_cols, cols, db) = carry
-        s = scale * t.raw
+        da, dscale, (bv, valid_cols, g_cols, cols, db) = carry
+        kept = _kept(t, valid, valid_cols)
+        s = _masked(scale * t.raw, kept, -jnp.inf)
         g_rows = _rows(g, t)
         row_st = _stats.Online(*(_rows(v, t) for v in rows))
         ds = 0.5 * (
@@ -214,9 +224,9 @@ def _clip_backward_step(scale, g, rows: _stats.Online, home: bool, cdt):
         )
         if home:
             ds = ds - jnp.where(t.diagonal(), g_rows[:, None], 0)
-        ds = jnp.where(t.fresh[:, None], ds, 0)
+        ds = _masked(jnp.where(t.fresh[:, None], ds, 0), kept, 0)
         da, db, dscale = _accumulate(da, db, dscale, t, bv, ds, cdt)
-        return da, dscale, (bv, g_cols, cols, db)
+        return da, dscale, (bv, valid_cols, g_cols, cols, db)
 
     return step
 
@@ -234,7 +244,7 @@ def _accumulate(da, db, dscale, t: Tile, bv, ds, cdt):
 
 
 def _clip_bwd(block_size, axis_name, res, g):
-    a, b, scale, st = res
+    a, b, scale, valid, st = res
     cdt = _numerics.compute_dtype(a.dtype)
     r = row_block(a.shape[0], b.shape[0], block_size)
     g = _numerics.materialised(g, jnp.zeros(a.shape[:1], cdt))
@@ -243,7 +253,7 @@ def _clip_bwd(block_size, axis_name, res, g):
     def run(home):
         def go(carry, moving):
             da, dscale = carry
-            step = _clip_backward_step(sc, g, st.rows, home, cdt)
+            step = _clip_backward_step(sc, g, st.rows, valid, home, cdt)
             da, dscale, moving = _for_tiles(
                 a, moving[0], r, cdt, step, (da, dscale, moving)
             )
@@ -254,14 +264,15 @@ def _clip_bwd(block_size, axis_name, res, g):
     da = _sharding.zeros(a.shape, cdt, a, b)
     db = _sharding.zeros(b.shape, cdt, a, b)
     dscale = _sharding.zeros((), cdt, a, b)
-    moving = (b, g, st.cols, db)
+    moving = (b, valid, g, st.cols, db)
     (da, dscale), db = _ring(
-        axis_name, run(True), run(False), (da, dscale), moving, lambda m: m[3]
+        axis_name, run(True), run(False), (da, dscale), moving, lambda m: m[4]
     )
     return (
         _sharding.cotangent(sc * da, a),
         _sharding.cotangent(sc * db, b),
         _sharding.cotangent(dscale, scale),
+        None,
     )
 
 
@@ -269,8 +280,8 @@ clip_xla.defvjp(_clip_fwd, _clip_bwd)
 
 
 @_registry.register("clip", "xla")
-def clip(a, b, scale, block_size: int | None, axis_name: Any):
-    return clip_xla(a, b, scale, block_size, axis_name)
+def clip(a, b, scale, valid, block_size: int | None, axis_name: Any):
+    return clip_xla(a, b, scale, valid, block_size, axis_name)
 
 
 # ------------------------------------------------------------------- SigLIP
@@ -280,57 +291,58 @@ def _siglip_logits(t: Tile, scale, bias):
     return scale * t.raw + bias
 
 
-def _siglip_forward_step(scale, bias, home: bool):
+def _siglip_forward_step(scale, bias, valid, valid_cols, home: bool):
     def step(t: Tile, loss):
         s = _siglip_logits(t, scale, bias)
         terms = jax.nn.softplus(s)  # -log sigmoid(-s): a pair that is not
         if home:
             terms = jnp.where(t.diagonal(), jax.nn.softplus(-s), terms)
+        terms = _masked(terms, _kept(t, valid, valid_cols), 0)
         return _put_rows(loss, _rows(loss, t) + jnp.sum(terms, axis=1), t)
 
     return step
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def siglip_xla(a, b, scale, bias, block_size, axis_name):
-    return _siglip_fwd(a, b, scale, bias, block_size, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def siglip_xla(a, b, scale, bias, valid, block_size, axis_name):
+    return _siglip_fwd(a, b, scale, bias, valid, block_size, axis_name)[0]
 
 
-def _siglip_fwd(a, b, scale, bias, block_size, axis_name):
+def _siglip_fwd(a, b, scale, bias, valid, block_size, axis_name):
     cdt = _numerics.compute_dtype(a.dtype)
     r = row_block(a.shape[0], b.shape[0], block_size)
     sc, bi = scale.astype(cdt), bias.astype(cdt)
 
     def run(home):
-        def go(loss, bv):
-            return _for_tiles(
-                a, bv, r, cdt, _siglip_forward_step(sc, bi, home), loss
-            ), bv
+        def go(loss, moving):
+            step = _siglip_forward_step(sc, bi, valid, moving[1], home)
+            return _for_tiles(a, moving[0], r, cdt, step, loss), moving
 
         return go
 
     loss = _sharding.zeros(a.shape[:1], cdt, a, b)
-    loss, _ = _ring(axis_name, run(True), run(False), loss, b, lambda m: ())
-    return loss, (a, b, scale, bias)
+    loss, _ = _ring(axis_name, run(True), run(False), loss, (b, valid), lambda m: ())
+    return loss, (a, b, scale, bias, valid)
 
 
-def _siglip_backward_step(scale, bias, g, home: bool, cdt):
+def _siglip_backward_step(scale, bias, g, valid, home: bool, cdt):
     def step(t: Tile, carry):
-        da, dscale, dbias, (bv, db) = carry
+        da, dscale, dbias, (bv, valid_cols, db) = carry
         s = _siglip_logits(t, scale, bias)
         # d/ds softplus(s) = sigmoid(s); d/ds softplus(-s) = -sigmoid(-s).
         p = jax.nn.sigmoid(s)
         if home:
             p = jnp.where(t.diagonal(), -jax.nn.sigmoid(-s), p)
         ds = jnp.where(t.fresh[:, None], _rows(g, t)[:, None] * p, 0)
+        ds = _masked(ds, _kept(t, valid, valid_cols), 0)
         da, db, dscale = _accumulate(da, db, dscale, t, bv, ds, cdt)
-        return da, dscale, dbias + jnp.sum(ds), (bv, db)
+        return da, dscale, dbias + jnp.sum(ds), (bv, valid_cols, db)
 
     return step
 
 
 def _siglip_bwd(block_size, axis_name, res, g):
-    a, b, scale, bias = res
+    a, b, scale, bias, valid = res
     cdt = _numerics.compute_dtype(a.dtype)
     r = row_block(a.shape[0], b.shape[0], block_size)
     g = _numerics.materialised(g, jnp.zeros(a.shape[:1], cdt))
@@ -338,7 +350,7 @@ def _siglip_bwd(block_size, axis_name, res, g):
 
     def run(home):
         def go(carry, moving):
-            step = _siglip_backward_step(sc, bi, g, home, cdt)
+            step = _siglip_backward_step(sc, bi, g, valid, home, cdt)
             *carry, moving = _for_tiles(a, moving[0], r, cdt, step, (*carry, moving))
             return tuple(carry), moving
 
@@ -348,19 +360,19 @@ def _siglip_bwd(block_size, axis_name, res, g):
         return _sharding.zeros(shape, cdt, a, b)
 
     carry = (zeros(a.shape), zeros(()), zeros(()))
-    moving = (b, zeros(b.shape))
+    moving = (b, valid, zeros(b.shape))
     (da, dscale, dbias), db = _ring(
-        axis_name, run(True), run(False), carry, moving, lambda m: m[1]
+        axis_name, run(True), run(False), carry, moving, lambda m: m[2]
     )
     cts = (sc * da, sc * db, dscale, dbias)
-    return tuple(
-        _sharding.cotangent(c, p) for c, p in zip(cts, (a, b, scale, bias), strict=True)
-    )
+    primals = (a, b, scale, bias)
+    out = (_sharding.cotangent(c, p) for c, p in zip(cts, primals, strict=True))
+    return (*out, None)
 
 
 siglip_xla.defvjp(_siglip_fwd, _siglip_bwd)
 
 
 @_registry.register("siglip", "xla")
-def siglip(a, b, scale, bias, block_size: int | None, axis_name: Any):
-    return siglip_xla(a, b, scale, bias, block_size, axis_name)
+def siglip(a, b, scale, bias, valid, block_size: int | None, axis_name: Any):
+    return siglip_xla(a, b, scale, bias, valid, block_size, axis_name)
