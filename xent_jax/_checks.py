@@ -98,6 +98,17 @@ def check_bool(x: Any, name: str) -> None:
     _chex(chex.assert_type, x, jnp.bool_, TypeError, message)
 
 
+def optional_mask(where: Any, shape: Sequence[int], hint: str = "") -> Any:
+    """``where`` checked: ``None``, or a boolean mask of exactly ``shape``
+    (``hint`` explains the shape in the error)."""
+    if where is None:
+        return None
+    where = as_array(where, "where")
+    check_bool(where, "where")
+    check_shape(where, shape, "where", hint)
+    return where
+
+
 def check_shape(
     x: Any, expected: Sequence[Any], name: str, hint: str = "", message: str = ""
 ) -> None:

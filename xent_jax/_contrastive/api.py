@@ -34,21 +34,12 @@ def _scalar(value, name: str) -> jax.Array:
     return value
 
 
-def _kept(where, n: int) -> jax.Array | None:
-    if where is None:
-        return None
-    where = _checks.as_array(where, "where")
-    _checks.check_bool(where, "where")
-    _checks.check_shape(where, (n,), "where", hint=" (one entry per pair)")
-    return where
-
-
 def _run(op, arrays, where, reduction, block_size, axis_name, implementation):
     reduction = _options.choice(reduction, _options.REDUCTIONS, "reduction")
     block_size = _options.optional(_options.static_int, block_size, "block_size", 1)
     axis_name = _options.axis_names(axis_name)
     impl = _registry.lookup(op, implementation)
-    kept = _kept(where, arrays[0].shape[0])
+    kept = _checks.optional_mask(where, arrays[0].shape[:1], " (one entry per pair)")
     if kept is not None:
         # Dropped pairs' embeddings become 0: a NaN or inf there reaches no
         # product (0 x NaN in a masked tile's gradient would still be NaN).

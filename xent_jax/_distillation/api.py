@@ -84,10 +84,8 @@ def _scored(
     if segment_ids is not None:
         keep = _segments.kept(segment_ids, ignore_index, shift, padding_id)
         lab = _labels.restricted(lab, keep)
+    where = _checks.optional_mask(where, lead, " (x's shape without D)")
     if where is not None:
-        where = _checks.as_array(where, "where")
-        _checks.check_bool(where, "where")
-        _checks.check_shape(where, lead, "where", " (x's shape without D)")
         lab = _labels.restricted(lab, where)
     return lab
 

@@ -344,16 +344,11 @@ def linear_cross_entropy(
 
 def _example_mask(where, shape) -> jax.Array | None:
     """``where`` checked: a boolean mask of the labels' ``shape``."""
-    if where is None:
-        return None
-    where = _checks.as_array(where, "where")
-    _checks.check_bool(where, "where")
     hint = (
         " (per example; a per-class mask would need the [..., V] logits: mask "
         "classes with bias=-inf or num_classes)"
     )
-    _checks.check_shape(where, shape, "where", hint)
-    return where
+    return _checks.optional_mask(where, shape, hint)
 
 
 def _prepare_labels(
