@@ -764,8 +764,9 @@ def case_linear_bfloat16_split_dx():
     """bfloat16 linear_cross_entropy whose dx accumulates in two 16-bit halves
     (``backward.DX_SPLIT_BYTES`` = 0, so at any size): under GSPMD (w on the
     vocabulary) and in shard_map (axis_name, check_vma on and off, where dx's
-    parts are summed over devices in float32 before rounding), every bit of
-    the value and the gradients is that of the plain float32 accumulator."""
+    parts are summed over devices in float32 before rounding; and with
+    skip_unscored, its rows gathered and scattered), every bit of the value
+    and the gradients is that of the plain float32 accumulator."""
     from xent_jax._linear import backward, layout
 
     rng = np.random.default_rng(11)
@@ -773,6 +774,10 @@ def case_linear_bfloat16_split_dx():
     x = jnp.asarray(rng.normal(size=(n, dim)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(dim, v)) * 0.3, jnp.bfloat16)
     y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    # skip_unscored gathers and scatters the halves by rows: half the labels
+    # ignored, on every device
+    y_skip = jnp.where(jnp.arange(n) % 4 < 2, -100, y)
+    skip = dict(skip_unscored=True, ignore_index=-100)
     # several whole token blocks of 2 on every device (a shorter last block,
     # or a single one, would take the plain accumulator)
     opts = dict(z_loss=1e-3, block_size=(2, 16), reduction="mean")
@@ -796,11 +801,17 @@ def case_linear_bfloat16_split_dx():
 
         return run
 
-    def sharded(mesh, check_vma):
+    def sharded(mesh, check_vma, labels=y, **extra):
         def step(x, w, y):
             def loss(x, w):
                 out = xent_jax.linear_cross_entropy(
-                    x, w, y, axis_name="model", reduction_axis_name="data", **opts
+                    x,
+                    w,
+                    y,
+                    axis_name="model",
+                    reduction_axis_name="data",
+                    **opts,
+                    **extra,
                 )
                 return out if check_vma else out / mesh.shape["data"]
 
@@ -821,7 +832,7 @@ def case_linear_bfloat16_split_dx():
                     out_specs=(P(), (P("data"), P(None, "model"))),
                     check_vma=check_vma,
                 )
-            )(x, w, y)
+            )(x, w, labels)
 
         return run
 
@@ -831,6 +842,7 @@ def case_linear_bfloat16_split_dx():
         mesh = _mesh(shape)
         runs = {"gspmd": gspmd(mesh)}
         runs.update({f"vma={c}": sharded(mesh, c) for c in (True, False)})
+        runs["skip_unscored vma=True"] = sharded(mesh, True, y_skip, **skip)
         for name, run in runs.items():
             key = f"{name} {shape[0]}x{shape[1]}"
             try:

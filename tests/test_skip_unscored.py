@@ -19,7 +19,7 @@ from core_helpers import float64
 from jax import export
 
 from xent_jax import linear_cross_entropy
-from xent_jax._linear import layout
+from xent_jax._linear import backward, layout
 
 N, D, V = 37, 6, 40
 IGNORE = -100
@@ -263,3 +263,49 @@ def test_temporaries_grow_by_at_most_one_copy_of_x(dtype):
         return step.lower(*specs).compile().memory_analysis().temp_size_in_bytes
 
     assert temp(True) <= temp(False) + n * d * jnp.dtype(dtype).itemsize
+
+
+def test_a_large_16bit_dx_keeps_its_accumulator_split():
+    """A 16-bit dx whose float32 accumulator passes backward.DX_SPLIT_BYTES is
+    held in two halves, the high one in the result's buffer, with the rows
+    gathered and scattered too: unsplit it was a float32 [N, D] beside the
+    result (259 MiB at 16384 x 4096 x 151936 compiled for TPU, over the fused
+    loss's 256 MiB; tests/test_deviceless.py)."""
+    n, d, v = 8192, 1024, 2048
+    assert n * d * 4 > backward.DX_SPLIT_BYTES
+    specs = (
+        jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def temp(skip):
+        loss = lambda x, w, y: linear_cross_entropy(x, w, y, skip_unscored=skip)  # noqa: E731
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return step.lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(True) <= temp(False) + 2**20
+
+
+def test_a_split_16bit_dx_has_the_bits_of_the_plain_accumulator(monkeypatch):
+    """The split accumulator gathered and scattered by rows holds the same
+    float32 sums: dx equals the plain accumulator's bit for bit, with the
+    unscored rows exactly zero."""
+    n, d, v = 512, 64, 1000
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.1, jnp.bfloat16)
+    labels = rng.integers(0, v, n)
+    labels[rng.random(n) < 0.5] = -100
+    y = jnp.asarray(labels, jnp.int32)
+
+    def dx(split_bytes):
+        monkeypatch.setattr(backward, "DX_SPLIT_BYTES", split_bytes)
+        loss = lambda x: linear_cross_entropy(  # noqa: E731
+            x, w, y, ignore_index=-100, skip_unscored=True, block_size=(256, 128)
+        )
+        return np.asarray(jax.jit(jax.grad(loss))(x).astype(jnp.float32))
+
+    split, plain = dx(0), dx(2**62)
+    np.testing.assert_array_equal(split, plain)
+    assert not split[labels == -100].any() and split[labels != -100].any()

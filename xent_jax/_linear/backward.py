@@ -203,13 +203,13 @@ def _skipped_labels(block_acc, xw, wb, k, at, rows: bool, cdt):
 
 def _dx_rows(dx, t, nt, rows):
     if isinstance(dx, lay.SplitFloat32):
-        return dx.rows(t, nt)
+        return dx.rows(t, nt, rows)
     return lay.x_rows(dx, t, nt, rows)
 
 
 def _dx_put(dx, update, t, rows):
     if isinstance(dx, lay.SplitFloat32):
-        return dx.put(update, t)
+        return dx.put(update, t, rows)
     return lay.put_rows(dx, update, t, rows)
 
 
@@ -292,7 +292,7 @@ def _vocab_loop(saved: Saved, coefs, needs: Needs, filtering, opts, layout, cdt)
         return _zeros(needs.w, lambda: (tuple(shape), w.dtype), w)
 
     dx = _zeros(needs.x, lambda: ((n, d), cdt), x, w, bias, saved.labels, coefs)
-    if saved.rows is None and _split_dx(dx, x, cdt, layout):
+    if _split_dx(dx, x, cdt, layout):
         dx = lay.SplitFloat32.split(dx)
     init = (
         dx,

@@ -309,12 +309,14 @@ class SplitFloat32(NamedTuple):
         high = for_blocks(self.high.shape[0], block, step, self.high)
         return from_raw_bits(high, dtype)
 
-    def rows(self, start, size: Any):
-        """Rows ``start:start+size`` as float32."""
-        return SplitFloat32(*(take(h, start, size, 0) for h in self)).value()
+    def rows(self, start, size: Any, order: ScoredRows | None = None):
+        """Rows at positions ``start:start+size`` (in ``order`` where given)
+        as float32."""
+        return SplitFloat32(*(x_rows(h, start, size, order) for h in self)).value()
 
-    def put(self, update, start):
-        """``update`` (float32) written over rows from ``start``."""
+    def put(self, update, start, order: ScoredRows | None = None):
+        """``update`` (float32) written over the rows at positions from
+        ``start`` (in ``order`` where given)."""
         # Materialised (a cond's result) before either half is written: fused
         # into each half's update, it would read the other half after that
         # one's write, and XLA would copy both halves to keep the old values.
@@ -325,7 +327,7 @@ class SplitFloat32(NamedTuple):
         update = jax.lax.cond(after, lambda u: u, lambda u: u - 0.0, update)
         halves = SplitFloat32.split(update)
         return SplitFloat32(
-            *(put(a, h, start, 0) for a, h in zip(self, halves, strict=True))
+            *(put_rows(a, h, start, order) for a, h in zip(self, halves, strict=True))
         )
 
 
