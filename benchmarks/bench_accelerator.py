@@ -171,6 +171,9 @@ def aot(target: str, shapes, dtypes) -> None:
         args = specs(target, ((n, d), dtype), ((d, v), dtype), ((n,), jnp.int32))
         variants = {"optax": losses(KERNEL[target])["optax"]}
         variants |= {i: functools.partial(_fused_loss, impl=i) for i in impls}
+        variants["xla+skip_unscored"] = functools.partial(
+            _fused_loss, impl="xla", skip_unscored=True
+        )
         for name, loss in variants.items():
             start = time.perf_counter()
             compiled = compile_for(
@@ -194,8 +197,10 @@ def aot(target: str, shapes, dtypes) -> None:
             )
 
 
-def _fused_loss(x, w, y, impl):
-    return linear_cross_entropy(x, w, y, implementation=impl)
+def _fused_loss(x, w, y, impl, skip_unscored=False):
+    return linear_cross_entropy(
+        x, w, y, implementation=impl, skip_unscored=skip_unscored
+    )
 
 
 def main() -> None:

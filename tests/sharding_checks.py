@@ -1283,6 +1283,42 @@ def case_distillation_vocab_parallel():
     return report
 
 
+def case_vocabulary_groups():
+    """The fused loss views ``w`` as vocabulary groups only where GSPMD may
+    split it (layout.choose): 8 groups under jit on 8 devices and inside a
+    shard_map over some of the mesh axes, one inside a shard_map over all of
+    them, where each value is a device's block, and one under jit on a mesh
+    of Explicit axes, where types say how ``w`` is split."""
+    from xent_jax._linear import layout
+
+    def groups():
+        return layout.choose(None, 32, 256, 16, False, False).groups
+
+    seen = {"jit": [], "shard_map data": [], "shard_map all": [], "explicit": []}
+
+    def record(key):
+        def f(x):
+            seen[key].append(groups())
+            return x
+
+        return f
+
+    mesh = _mesh((4, 2))
+    x = jnp.zeros((8, 4))
+    jax.jit(record("jit"))(x)
+    for key, axes in (("shard_map data", {"data"}), ("shard_map all", None)):
+        kwargs = {} if axes is None else {"axis_names": axes}
+        smap = jax.shard_map(
+            record(key), mesh=mesh, in_specs=P("data"), out_specs=P("data"), **kwargs
+        )
+        jax.jit(smap)(x)
+    with jax.set_mesh(_mesh((4, 2), explicit=True)):
+        jax.jit(record("explicit"))(x)
+    want = {"jit": [8], "shard_map data": [8], "shard_map all": [1], "explicit": [1]}
+    assert seen == want, seen
+    return {"groups": seen}
+
+
 CASES = {
     name[len("case_") :]: fn
     for name, fn in globals().items()

@@ -22,11 +22,13 @@ import pytest
 from jax.experimental import checkify
 from tiers import cases, slow
 
-from xent_jax import linear_cross_entropy
+from xent_jax import _sharding, linear_cross_entropy
 from xent_jax._compat import is_transpose_output as _is_transposed
+from xent_jax._linear import layout
 
 N, D = 13, 8
 V = 200  # divisible by 8: the vocabulary is processed as 8 groups of 25
+# (_grouped_view: on one device the kernel would take one group).
 V_ODD = 203  # prime-ish: one group
 IGNORE = -100
 
@@ -37,6 +39,35 @@ TOL = {
     jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
 }
+
+
+@pytest.fixture(autouse=True)
+def _grouped_view(monkeypatch):
+    """This module runs the vocabulary as groups side by side, the layout a
+    vocabulary sharded by GSPMD needs; one device alone takes one group."""
+    monkeypatch.setattr(_sharding, "vocab_may_be_split", lambda: True)
+
+
+def test_one_device_takes_one_vocabulary_group(monkeypatch):
+    """Where no sharding can split ``w`` the kernel does not view it as ``[D,
+    G, V/G]``: under the TPU's tiled layouts that view is a copy of ``w`` and
+    of ``dw`` (1162 MiB at Gemma-2's head, tests/test_deviceless.py)."""
+    monkeypatch.undo()
+    assert jax.device_count() == 1
+    assert layout.choose(None, N, V, D, False, False).groups == 1
+    assert layout.choose(None, N, V, D, False, False, grouped_view=True).groups == 8
+    seen = []
+    real = layout.choose
+
+    def recorded(*args, **kwargs):
+        seen.append(real(*args, **kwargs).groups)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layout, "choose", recorded)
+    x, w, b, y, _ = _data()
+    loss = lambda w: linear_cross_entropy(x, w, y, bias=b, ignore_index=IGNORE)  # noqa: E731
+    jax.jit(jax.grad(loss))(w)
+    assert seen and set(seen) == {1}, seen
 
 
 def _data(v=V, dtype=jnp.float32, seed=0, n=N, d=D, labels=None):

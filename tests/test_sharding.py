@@ -41,6 +41,7 @@ CASES = (
     "skip_unscored",
     "contrastive_ring",
     "distillation_vocab_parallel",
+    "vocabulary_groups",
 )
 TIMEOUT_S = 300  # each case takes seconds alone; margin for a busy `pytest -n auto`
 

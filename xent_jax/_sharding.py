@@ -77,6 +77,23 @@ def class_axis_in_type(x: Any) -> bool:
     return spec is not None and len(spec) == jax.typeof(x).ndim and spec[-1] is not None
 
 
+def vocab_may_be_split() -> bool:
+    """Whether GSPMD may split ``w``'s vocabulary in the program being traced
+    without its type saying so.
+
+    Not with one device, nor where every mesh axis is Manual (inside a
+    ``shard_map``, each value is a device's block) or Explicit (types say how
+    arrays are split, and a split ``w`` runs in a ``shard_map``:
+    ``_linear.explicit``). With several devices and no mesh in context, or an
+    ``Auto`` axis, a sharding the trace cannot see may split it.
+    """
+    if jax.device_count() == 1:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = jax.sharding.AxisType.Auto
+    return mesh.empty or any(t == auto for t in mesh.axis_types)
+
+
 def like(ct: jax.Array, primal: Any) -> jax.Array:
     """``ct`` with the sharding in ``primal``'s type (a custom_vjp must return
     cotangents typed like its inputs; under Explicit axes the cotangent of a

@@ -6,7 +6,11 @@ takes the same column range of every group. The loop therefore never slices
 the group axis, so under ``jax.jit`` with ``w`` sharded on ``V`` over a number
 of devices that divides ``G`` (``G = 8`` when 8 divides ``V``) the sharding
 lands on that axis and XLA partitions the loop without gathering ``w``. A
-class's global id is ``offset + g * V / G + column``.
+class's global id is ``offset + g * V / G + column``. Where no sharding can
+split ``w`` (one device, or inside a ``shard_map`` over every mesh axis) there
+is one group: under the TPU's tiled layouts the ``[D, G, V / G]`` view is no
+bitcast, and XLA:TPU would copy ``w`` into it and ``dw`` out of it (1162 MiB
+at Gemma-2's head in bfloat16; 37 MiB of temporaries with one group).
 
 Row layout. A tied embedding is ``[V, D]``; slicing columns of its transpose
 would make XLA CPU copy it (and its gradient) once, so the kernel also runs on
@@ -25,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xent_jax import _compat
+from xent_jax import _compat, _sharding
 
 # Default block sizes, tuned on a 2-core CPU (benchmarks/bench_linear.py): a
 # block of logits should stay cache-friendly while each matmul stays large
@@ -74,6 +78,7 @@ def choose(
     rows: bool,
     padded: bool,
     skip_unscored: bool = False,
+    grouped_view: bool | None = None,
 ) -> Layout:
     """The layout for ``n`` tokens, ``v`` classes here and depth ``d``, from
     ``block_size`` (validated: ``None``, an int or ``(token_block,
@@ -83,9 +88,13 @@ def choose(
     at most ``DEFAULT_BLOCK_ELEMENTS`` entries, then the blocks not given are
     halved until their temporaries fit ``DEFAULT_BLOCK_BYTES``
     (:func:`fit_budget`). A symbolic token count (``jax.export``) is one token
-    block: loops need static block shapes.
+    block: loops need static block shapes. ``grouped_view`` (default: whether
+    a sharding may split the vocabulary, ``_sharding.vocab_may_be_split``)
+    allows more than one vocabulary group.
     """
-    groups = next(g for g in GROUP_CHOICES if v % g == 0)
+    if grouped_view is None:
+        grouped_view = _sharding.vocab_may_be_split()
+    groups = next(g for g in GROUP_CHOICES if v % g == 0) if grouped_view else 1
     tb = None
     if block_size is None:
         vb = DEFAULT_VOCAB_BLOCK
