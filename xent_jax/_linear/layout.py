@@ -7,10 +7,11 @@ the group axis, so under ``jax.jit`` with ``w`` sharded on ``V`` over a number
 of devices that divides ``G`` (``G = 8`` when 8 divides ``V``) the sharding
 lands on that axis and XLA partitions the loop without gathering ``w``. A
 class's global id is ``offset + g * V / G + column``. Where no sharding can
-split ``w`` (one device, or inside a ``shard_map`` over every mesh axis) there
-is one group: under the TPU's tiled layouts the ``[D, G, V / G]`` view is no
-bitcast, and XLA:TPU would copy ``w`` into it and ``dw`` out of it (1162 MiB
-at Gemma-2's head in bfloat16; 37 MiB of temporaries with one group).
+split ``w`` unseen (one device, a ``shard_map`` over every mesh axis, Explicit
+mesh axes: ``_sharding.vocab_may_be_split``) there is one group: under the
+TPU's tiled layouts the ``[D, G, V / G]`` view is no bitcast, and XLA:TPU
+would copy ``w`` into it and ``dw`` out of it (1162 MiB at Gemma-2's head in
+bfloat16; 37 MiB of temporaries with one group).
 
 Row layout. A tied embedding is ``[V, D]``; slicing columns of its transpose
 would make XLA CPU copy it (and its gradient) once, so the kernel also runs on
