@@ -287,6 +287,76 @@ def test_item5_tiny_temperature_z_loss_gradient_has_no_nan(soft):
     np.testing.assert_allclose(jax.grad(total)(x), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_item5_logits_spanning_more_than_the_range_with_smoothing(impl):
+    """Found by issue 28's campaign: where a row's logits span more than the
+    dtype's range, ``x_c - s`` overflows while the smoothed target's share of
+    it does not: inf for an exact ``a / 2 * 6e38`` (the sums are now taken in
+    halved shifted logits, ``_stats.half_shifted``). Soft labels too."""
+    x = jnp.array([[-3e38, 3e38]])
+
+    def loss(v, a):
+        return ICE(v, jnp.array([1]), label_smoothing=a, implementation=impl)
+
+    for a in (0.1, 0.5):
+        np.testing.assert_allclose(loss(x, a), [a / 2 * 6e38], rtol=1e-6)
+        grad = jax.grad(lambda v, a=a: loss(v, a).sum())(x)
+        np.testing.assert_allclose(grad, [[-a / 2, a / 2]], rtol=1e-6)
+    soft = jnp.array([[0.1, 0.9]])
+    np.testing.assert_allclose(SCE(x, soft, implementation=impl), [6e37], rtol=1e-6)
+    # The label's own term: (1 - a) of a distance past the range.
+    np.testing.assert_array_equal(ICE(x, jnp.array([0]), implementation=impl), [np.inf])
+
+
+# The campaign's reproducer: V = 8, the tempered logits finite but spanning
+# up to 5.2e38 per row; exact losses 0.7e38 to 3.2e38 (float64).
+SPAN_X = [
+    [-1.375, 1.25, 1.75],
+    [-0.125, 0.625, 1.125],
+    [1.25, 0.375, -2.0],
+    [0.375, -1.75, 0.625],
+]
+SPAN_W = [
+    [0.375, -1.5, 0.75, 1.875, 1.5, -1.125, 1.25, 0.375],
+    [0.375, 0.5, -1.5, 0.75, 1.125, -0.25, -1.125, -0.75],
+    [-0.375, -0.625, 0.375, -0.125, -0.5, 0.625, 2.0, -0.625],
+]
+
+
+@pytest.mark.parametrize("impl", [None, "reference", "pallas_tpu", "pallas_triton"])
+def test_item5_fused_tiny_temperature_smoothing_stays_finite(impl):
+    """Found by issue 28's campaign (float32, ``label_smoothing=0.1``, ``T =
+    2^-126``): the fused loss gave inf on every row, the materialised one on
+    three. Two causes: the smoothing sum over shifted logits overflowed (now
+    halved, with ``a / V`` inside), and ``x / T`` before the matmul made
+    products of ``2^128`` for a logit of ``-2.4e38`` (now ``x`` is divided by
+    the part of ``T`` in ``[1, 2)`` and the product scaled by a power of two:
+    ``blocks.divided_input``)."""
+    x, w = np.array(SPAN_X, np.float32), np.array(SPAN_W, np.float32)
+    labels = np.array([4, 1, 2, 2])
+    t = 2.0**-126
+    z = (x.astype(np.float64) @ w) / t
+    lse = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1))
+    exact = 0.9 * (lse - z[np.arange(4), labels]) + 0.1 * (lse - z.mean(1))
+    got = LCE(
+        x,
+        w,
+        labels,
+        label_smoothing=0.1,
+        temperature=t,
+        reduction="none",
+        implementation=impl,
+    )
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    # A product past the range, the logit inside it: z_0 = -2^126, exactly.
+    x, w = (
+        np.array([[-2.0, 1.0]], np.float32),
+        np.array([[2.0, 0.0], [3.0, 0.0]], np.float32),
+    )
+    got = LCE(x, w, np.array([0]), temperature=t, implementation=impl)
+    np.testing.assert_array_equal(got, [2.0**126])
+
+
 BOOLEAN_OPTIONS = {
     "return_aux": (_core, _fused),
     "return_lse": (_fused,),

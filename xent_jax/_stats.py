@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xent_jax._numerics import weighted
+from xent_jax._numerics import tempered, weighted
 
 
 def shift_of(row_max: jax.Array) -> jax.Array:
@@ -98,6 +98,27 @@ def first_wins(value_new, id_new, value_old, id_old):
     return jnp.where(nan_old, nan_new & earlier, nan_new | larger)
 
 
+def half_shifted(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``(x - shift) / 2``, finite for every finite ``x`` and ``shift``.
+
+    ``x - shift`` overflows where a row's logits span more than the dtype's
+    range (``-3e38`` and ``3e38``; tempered logits at ``T = 2^-126``), while
+    ``t_c (x_c - s)`` for a target ``t_c < 1`` (label smoothing) may not: the
+    target-weighted shifted sums are taken in these halved units and doubled
+    last by :func:`doubled` (issue 28's campaign). Halving is exact, so in the
+    dtype's normal range the sums round exactly as unhalved ones would.
+    """
+    return x * 0.5 - shift * 0.5
+
+
+def doubled(half_sum: jax.Array, temperature: float | None) -> jax.Array:
+    """``2 half_sum / T`` without an intermediate overflow: doubled after the
+    division when it shrinks (``T >= 1``), before it otherwise."""
+    if temperature is not None and temperature >= 1:
+        return tempered(half_sum, temperature) * 2
+    return tempered(half_sum * 2, temperature)
+
+
 def shift_change(state_old: Online, state_new: Online) -> jax.Array:
     """How far the shift moved, to move a shifted sum of logits along:
     ``sum t (x - s_new) = sum t (x - s_old) + (s_old - s_new) sum t``."""
@@ -122,7 +143,9 @@ def cross_entropy(sum_t, sum_t_xs, log_se, shift):
 def integer_target_sums(a: float, w_y, label_xs, smooth_mass=None, smooth_xs=None):
     """``(sum_t, sum_t_xs)`` for integer labels: ``t = (1 - a) w_y onehot(y) +
     u`` with ``u`` the smoothing targets, of total ``smooth_mass`` and
-    ``sum_c u_c (x_c - s) = smooth_xs``; ``label_xs = x_y - s``."""
+    ``sum_c u_c (x_c - s) = smooth_xs``; ``label_xs = x_y - s``. (The callers
+    pass both differences halved, see :func:`half_shifted`, and get
+    ``sum_t_xs`` halved.)"""
     sum_t = (1 - a) * w_y
     sum_t_xs = weighted(sum_t, label_xs)
     if a:

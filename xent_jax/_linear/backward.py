@@ -59,7 +59,7 @@ class Coefficients(NamedTuple):
 
     softmax: jax.Array  # coef
     onehot: jax.Array  # g_ce (1 - a) w_y
-    smoothing: jax.Array | None  # g_ce a / V
+    smoothing: jax.Array | None  # g_ce: of u (a / V in it); in dcw, times a / V
     label: jax.Array  # g_ce on scored examples, 0 elsewhere
     entropy: jax.Array | None  # g_H on scored examples, 0 elsewhere
 
@@ -72,10 +72,10 @@ def coefficients(saved: Saved, cotangents, opts, layout, cdt) -> Coefficients:
     if a:
         u = fwd.smoothing_weights(saved.w, saved.class_weights, opts, layout, cdt)
         u_total = ClassAxis(opts.axis_name).sum(jnp.sum(u))
-        sum_t = sum_t + a / opts.num_classes * u_total
+        sum_t = sum_t + u_total
     scored = saved.labels.scored
     coef, label = _stats.logit_coefficients(g_ce, g_lse, sum_t, scored)
-    smoothing = label * (a / opts.num_classes) if a else None
+    smoothing = label if a else None
     g_h = None
     if saved.entropy is not None and not _numerics.is_zero(cotangents.entropy):
         g_h = jnp.where(scored, cotangents.entropy.astype(saved.log_se.dtype), 0)
@@ -151,7 +151,7 @@ def _block_step(acc, t, nt, blk, saved, coefs, filtered, opts, layout, cdt):
         dx_rows, dwb, dbb = blocks.accumulate(
             dx_rows, dwb, dbb, xw_of(block_acc), blk.w, dz, layout.rows, cdt
         )
-        if dcwb is not None:  # sum_i g_i a/V (lse_i - z_ic), on real columns
+        if dcwb is not None:  # sum_i g_i (lse_i - z_ic), on real columns
             per = _numerics.weighted(c.smoothing[:, None], log_se[:, None] - zs)
             # (in shifted coordinates: lse_i - z_ic = log_se_i - zs_ic)
             dcwb = dcwb + jnp.sum(jnp.where(blk.real, per, 0), axis=0)
@@ -411,8 +411,9 @@ def _class_weights_grad(saved: Saved, coefs: Coefficients, smoothing_part, opts,
     )
     grad = classes.scatter_add(cw.shape[0], saved.labels.ids, per_example)
     grad = _sharding.match_varying(grad, cw)
-    if smoothing_part is not None:
-        grad = grad + smoothing_part.reshape(cw.shape)
+    if smoothing_part is not None:  # sum_i g_i (lse_i - z_ic), times a / V here
+        smooth = opts.label_smoothing / opts.num_classes
+        grad = grad + smooth * smoothing_part.reshape(cw.shape)
     return grad.astype(cw.dtype)
 
 

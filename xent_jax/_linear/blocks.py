@@ -10,6 +10,7 @@ alone against plain ``jnp`` on one block (``tests/test_linear_blocks.py``).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -45,6 +46,21 @@ def divides_inputs(opts: SoftmaxOptions) -> bool:
     return opts.temperature is not None and opts.logit_softcap is None
 
 
+def _temperature_parts(temperature: float) -> tuple[float, float]:
+    """``T = m / s``, ``m`` in ``[1, 2)`` and ``s`` a power of two."""
+    mantissa, exponent = math.frexp(temperature)  # T = mantissa 2^exponent
+    return 2 * mantissa, 2.0 ** (1 - exponent)
+
+
+def divided_input(v, opts: SoftmaxOptions):
+    """``x`` (or the bias) divided, where ``divides_inputs``, by the part of
+    ``T`` in ``[1, 2)``: that only shrinks it, so no product of the matmul
+    overflows where the logit does not (a divided ``x`` of ``2^127`` at ``T =
+    2^-126`` did, issue 28's campaign). ``capped`` multiplies by the rest, a
+    power of two, exactly."""
+    return v / _temperature_parts(opts.temperature)[0]
+
+
 def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
     """The logits of a block: ``cap((xb @ wb + bb) / T)`` for ``xb`` [nt, D],
     ``wb`` [D, c] (``wb`` [c, D] when ``rows``) and the bias ``bb`` [c].
@@ -59,25 +75,27 @@ def logits(xb, wb, bb, opts: SoftmaxOptions, rows: bool, cdt):
         # and LLVM contracts that multiply with the shift's subtraction into
         # an FMA in some fusions and not others, so at |z| ~ 1e30 the block
         # max and exp(z - max) saw logits a rounding apart: exp(+-1e23), an
-        # inf or zero sum. Without a multiply in the chain every fusion
-        # rounds z alike. (Capped logits are bounded: harmless there.)
-        xb = _numerics.tempered(xb.astype(cdt), opts.temperature)
+        # inf or zero sum. The multiply left in the chain is by a power of
+        # two, exact, so every fusion rounds z alike. (Capped logits are
+        # bounded: harmless there.)
+        xb = divided_input(xb.astype(cdt), opts)
         if bias is not None:
-            bias = _numerics.tempered(bias, opts.temperature)
+            bias = divided_input(bias, opts)
         op = jnp.promote_types(cdt, wb.dtype)
     raw = dot(xb.astype(op), wb.astype(op), ((1,), (1 if rows else 0,)), cdt)
     return capped(raw, bias, opts)
 
 
 def capped(raw, bias, opts: SoftmaxOptions):
-    """``cap((raw + bias) / T)`` from a block's matmul ``raw``; only ``+
-    bias`` where ``divides_inputs`` (``x`` and ``bias`` were divided by ``T``
-    before the matmul). The Pallas kernels' logits too, so that every kernel
-    rounds them alike."""
+    """``cap((raw + bias) / T)`` from a block's matmul ``raw``; only ``(raw +
+    bias) s`` where ``divides_inputs`` (``x`` and ``bias`` were divided by the
+    rest of ``T`` before the matmul, see ``divided_input``). The Pallas
+    kernels' logits too, so that every kernel rounds them alike."""
     if bias is not None:
         raw = raw + bias
     if divides_inputs(opts):
-        return raw
+        scale = _temperature_parts(opts.temperature)[1]
+        return raw if scale == 1 else raw * scale
     raw = _numerics.tempered(raw, opts.temperature)
     if opts.logit_softcap is None:
         return raw
@@ -90,7 +108,7 @@ class RowStats(NamedTuple):
 
     online: _stats.Online  # running max and sum of exponentials
     label_logit: jax.Array  # z_y, exactly (0 where the label is not here)
-    smooth_xs: jax.Array  # sum_c u_c (z_c - shift), smoothing weights u
+    smooth_xs: jax.Array  # sum_c u_c (z_c - shift) / 2: _stats.half_shifted
     sum_exs: jax.Array | None = None  # sum_c e_c (z_c - shift): the entropy
     best_id: jax.Array | None = None  # the argmax so far (its value: row_max)
 
@@ -111,9 +129,9 @@ def forward_step(st: RowStats, z, ids, label_at, u=None, u_seen=None) -> RowStat
     block does not hold it (``layout.block_positions``): the label's logit is
     gathered, where a masked sum over the block made XLA CPU write and read a
     block-sized array. Under label smoothing ``u`` [c]
-    holds the columns' smoothing weights (the class weights, 0 on padding)
-    and ``u_seen`` their sum over the columns already folded in, with which
-    ``smooth_xs`` follows the shift as it moves.
+    holds the columns' smoothing targets (``a / V`` times the class weights,
+    0 on padding) and ``u_seen`` their sum over the columns already folded
+    in, with which ``smooth_xs`` follows the shift as it moves.
     """
     block_max = jnp.max(z, axis=1)
     online = _stats.online_update(
@@ -130,8 +148,9 @@ def forward_step(st: RowStats, z, ids, label_at, u=None, u_seen=None) -> RowStat
     zs = z - shift[:, None]
     smooth_xs = st.smooth_xs
     if u is not None:
-        moved = _numerics.weighted(u_seen, shift_old - shift)
-        smooth_xs = smooth_xs + moved + jnp.sum(_numerics.weighted(u, zs), axis=1)
+        moved = _numerics.weighted(u_seen, _stats.half_shifted(shift_old, shift))
+        zh = _stats.half_shifted(z, shift[:, None])
+        smooth_xs = smooth_xs + moved + jnp.sum(_numerics.weighted(u, zh), axis=1)
     new = RowStats(online, label_logit, smooth_xs)
     if st.sum_exs is None:
         return new

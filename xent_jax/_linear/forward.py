@@ -33,12 +33,17 @@ def vocab_size(w, layout: Layout) -> int:
 
 
 def smoothing_weights(w, class_weights, opts: SoftmaxOptions, layout: Layout, cdt):
-    """The columns' smoothing weights ``[V_local]``: the class weights (1
-    without), 0 on padding columns; ``None`` without label smoothing."""
-    if not opts.label_smoothing:
+    """The columns' smoothing targets ``[V_local]`` (per unit of a row's label
+    weight): ``a / V`` times the class weights, 0 on padding columns; ``None``
+    without label smoothing. The factor is in ``u`` rather than applied to
+    the sum ``sum_c u_c (z_c - s)``, which would overflow first (issue 28)."""
+    a = opts.label_smoothing
+    if not a:
         return None
     v = vocab_size(w, layout)
-    u = jnp.ones((v,), cdt) if class_weights is None else class_weights.astype(cdt)
+    u = jnp.full((v,), a / opts.num_classes, cdt)
+    if class_weights is not None:
+        u = u * class_weights.astype(cdt)
     if layout.padded:
         u = jnp.where(ClassAxis(opts.axis_name).ids(v) < opts.num_classes, u, 0)
     return u
@@ -135,16 +140,14 @@ def combine_shards(st: blocks.RowStats, u_local, smoothing: bool, opts):
     if opts.axis_name is None:
         return st, u_local if smoothing else None
     online = _stats.combine_shards(st.online, classes)
-    moved = _stats.shift_change(st.online, online)
+    shift_old, shift = (_stats.shift_of(s.row_max) for s in (st.online, online))
     out = blocks.RowStats(online, classes.sum(st.label_logit), st.smooth_xs)
     u_total = None
     if smoothing:
-        out = out._replace(
-            smooth_xs=classes.sum(st.smooth_xs + _numerics.weighted(u_local, moved))
-        )
+        moved = _numerics.weighted(u_local, _stats.half_shifted(shift_old, shift))
+        out = out._replace(smooth_xs=classes.sum(st.smooth_xs + moved))
         u_total = classes.sum(u_local)
     if st.sum_exs is not None:
-        shift_old, shift = (_stats.shift_of(s.row_max) for s in (st.online, online))
         moment = _stats.rescaled_moment(st.sum_exs, st.online.sum_exp, shift_old, shift)
         out = out._replace(
             sum_exs=classes.sum(moment),
@@ -157,17 +160,14 @@ def target_sums(
     label_logit, shift, smooth_xs, u_total, labels, class_weights, opts, cdt
 ):
     """``(sum_t, sum_t_xs)`` per example (see ``_stats``); ``u_total`` is the
-    total smoothing weight, ``None`` without label smoothing."""
-    a = opts.label_smoothing
+    total smoothing weight, ``None`` without label smoothing. The logits are
+    tempered already; the sums are taken halved (``smooth_xs`` is)."""
     w_y = label_weights(labels, class_weights, opts, cdt)
-    smooth = a / opts.num_classes
-    return _stats.integer_target_sums(
-        a,
-        w_y,
-        label_logit - shift,
-        None if u_total is None else smooth * u_total,
-        None if u_total is None else smooth * smooth_xs,
+    label_xh = _stats.half_shifted(label_logit, shift)
+    sum_t, sum_t_xh = _stats.integer_target_sums(
+        opts.label_smoothing, w_y, label_xh, u_total, smooth_xs
     )
+    return sum_t, _stats.doubled(sum_t_xh, None)
 
 
 def outputs(st: blocks.RowStats, u_total, labels: Labels, class_weights, opts, cdt):

@@ -182,7 +182,7 @@ def column_fields(w, bias, class_weights, opts, layout, cdt) -> dict:
     if bias is not None:
         bias = bias.astype(cdt)
         if blocks.divides_inputs(opts):  # once, outside the kernels
-            bias = _numerics.tempered(bias, opts.temperature)
+            bias = blocks.divided_input(bias, opts)
         cols["bias"] = bias[None]
     if layout.padded:
         real = ClassAxis(opts.axis_name).ids(v) < opts.num_classes
@@ -275,12 +275,12 @@ def dot(a, b, contract: tuple[tuple[int], tuple[int]], spec: Spec, op=None):
 
 def raw_logits(xb, wb, spec: Spec):
     """``xb [tn, k] . wb`` (``wb`` ``[k, tv]``, or ``[tv, k]`` in rows); ``xb``
-    divided by the temperature first (in float32) where ``blocks.logits``
-    divides it."""
+    divided by part of the temperature first (in float32) where
+    ``blocks.logits`` divides it."""
     contract = ((1,), (1 if spec.rows else 0,))
     if not blocks.divides_inputs(spec.opts):
         return dot(xb, wb, contract, spec)
-    xb = _numerics.tempered(xb.astype(spec.cdt), spec.opts.temperature)
+    xb = blocks.divided_input(xb.astype(spec.cdt), spec.opts)
     return dot(xb, wb, contract, spec, op=jnp.promote_types(spec.cdt, spec.op))
 
 
@@ -348,8 +348,9 @@ def online_tile(st: dict, z, col, hit, u=None, u_seen=None) -> dict:
         + jnp.sum(jnp.where(hit, z, 0), axis=1, keepdims=True),
     }
     if u is not None:
-        moved = _numerics.weighted(u_seen, shift_old - shift)
-        smooth = jnp.sum(_numerics.weighted(u, zs), axis=1, keepdims=True)
+        moved = _numerics.weighted(u_seen, _stats.half_shifted(shift_old, shift))
+        zh = _stats.half_shifted(z, shift)
+        smooth = jnp.sum(_numerics.weighted(u, zh), axis=1, keepdims=True)
         new["smooth_xs"] = st["smooth_xs"] + moved + smooth
     if "sum_exs" in st:
         moment = _stats.rescaled_moment(st["sum_exs"], st["sum_exp"], shift_old, shift)
@@ -410,7 +411,8 @@ def keep_tile(p, valid, spec: Spec):
 
 def smoothing_column_sums(zs, rows: dict, ok):
     """The class weights' smoothing gradient of a tile, ``[1, tv]``:
-    ``sum_i g_i a/V (lse_i - z_ic)`` over valid rows, on real columns."""
+    ``sum_i g_i (lse_i - z_ic)`` over valid rows, on real columns (``a / V``
+    applies to the sum, in ``backward._class_weights_grad``)."""
     per = _numerics.weighted(rows["smoothing"], rows["log_se"] - zs)
     if ok is not None:
         per = jnp.where(ok, per, 0)

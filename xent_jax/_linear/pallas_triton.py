@@ -120,7 +120,7 @@ def _combine_splits(parts: dict, u_split) -> dict:
         "label_logit": jnp.sum(parts["label_logit"], axis=0),
     }
     if "smooth_xs" in parts:
-        moved = _numerics.weighted(u_split[:, None], shifts - shift)
+        moved = _numerics.weighted(u_split[:, None], _stats.half_shifted(shifts, shift))
         out["smooth_xs"] = jnp.sum(parts["smooth_xs"] + moved, axis=0)
     if "sum_exs" in parts:
         moments = _stats.rescaled_moment(

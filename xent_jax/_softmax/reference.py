@@ -13,7 +13,14 @@ from xent_jax import _numerics, _registry
 from xent_jax._options import SoftmaxOptions
 from xent_jax._softmax import targets as tg
 from xent_jax._softmax.targets import Inputs
-from xent_jax._stats import KernelOut, cross_entropy, log_of_sum, shift_of
+from xent_jax._stats import (
+    KernelOut,
+    cross_entropy,
+    doubled,
+    half_shifted,
+    log_of_sum,
+    shift_of,
+)
 
 
 def no_axis_name(opts) -> None:
@@ -40,10 +47,11 @@ def softmax_reference(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
     shift, log_se = _shifted_lse(xm, opts.temperature)
     t = tg.targets(inputs, opts, dtype, x.shape)
     # The label's own term reads the unmasked logit (optax); t is 0 on the
-    # classes `where` masks. The temperature divides the sum, not each
-    # shifted logit, which may overflow where t_c times it does not (T < 1).
-    sum_t_xr = jnp.sum(_numerics.weighted(t, x_safe - shift[..., None]), axis=-1)
-    sum_t_xs = _numerics.tempered(sum_t_xr, opts.temperature)
+    # classes `where` masks. The sum is taken halved and the temperature
+    # divides it, not each shifted logit, which may overflow where t_c times
+    # it does not (see _stats.half_shifted).
+    xh = half_shifted(x_safe, shift[..., None])
+    sum_t_xs = doubled(jnp.sum(_numerics.weighted(t, xh), axis=-1), opts.temperature)
     ce = cross_entropy(jnp.sum(t, axis=-1), sum_t_xs, log_se, shift)
     lse = _statistic(_lse, x, inputs, opts.temperature)
     out = KernelOut(jnp.where(inputs.scored, ce, 0), lse)

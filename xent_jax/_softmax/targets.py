@@ -83,38 +83,44 @@ def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
     return jnp.where(inputs.scored[..., None], t, 0)
 
 
-def target_sums(inputs: Inputs, xr, shift, opts: SoftmaxOptions):
+def target_sums(inputs: Inputs, xm, shift, opts: SoftmaxOptions):
     """``(sum_t, sum_t_xs, label_xr)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
-    s) / T`` given the shifted masked logits ``xr = x - shift`` (``shift`` in
-    the logits' own units), without materialising ``t`` for integer labels
-    (the one-hot part is a gather; only label smoothing reads rows), and for
+    s) / T`` given the masked logits ``xm`` and their ``shift`` (in the
+    logits' own units), without materialising ``t`` for integer labels (the
+    one-hot part is a gather; only label smoothing reads rows), and for
     integer labels the label's own ``x_y - s`` (None for soft labels).
 
-    The sums are taken before the temperature divides them: with ``T < 1`` a
-    shifted logit ``(x_c - s) / T`` may overflow where ``t_c`` times it does
-    not (issue 28's campaign: ``T = 2^-126``, ``t_c = 1/4``).
+    The sums are taken halved (``_stats.half_shifted``) and before the
+    temperature divides them: ``x_c - s``, and with ``T < 1`` ``(x_c - s) /
+    T``, may overflow where ``t_c`` times it does not (issue 28's campaign:
+    ``T = 2^-126``, ``t_c = 1/4``).
     """
     classes = ClassAxis(opts.axis_name)
-    dtype = xr.dtype
-    temperature = opts.temperature
+    dtype = xm.dtype
+    xh = _stats.half_shifted(xm, shift[..., None])
     if not opts.integer:
-        t = targets(inputs, opts, dtype, xr.shape)
-        sum_t_xs = classes.row_sum(_numerics.weighted(t, xr))
-        return classes.row_sum(t), _numerics.tempered(sum_t_xs, temperature), None
+        t = targets(inputs, opts, dtype, xm.shape)
+        sum_t_xh = classes.row_sum(_numerics.weighted(t, xh))
+        return classes.row_sum(t), _stats.doubled(sum_t_xh, opts.temperature), None
     # The label's own logit is read unmasked (optax): from x, then shifted.
-    label_xr = classes.take(inputs.x.astype(dtype), inputs.labels.ids) - shift
+    label_x = classes.take(inputs.x.astype(dtype), inputs.labels.ids)
     w_y = label_weights(inputs, opts, dtype)
-    smooth_mass = smooth_xr = None
+    smooth_mass = smooth_xh = None
     if opts.label_smoothing:
         u = weighted_by_class(smoothing(inputs, opts, dtype), inputs, dtype)
-        smooth_mass = classes.row_sum(jnp.broadcast_to(u, xr.shape))
-        smooth_xr = classes.row_sum(_numerics.weighted(u, xr))
-    sum_t, sum_t_xr = _stats.integer_target_sums(
-        opts.label_smoothing, w_y, label_xr, smooth_mass, smooth_xr
+        smooth_mass = classes.row_sum(jnp.broadcast_to(u, xm.shape))
+        smooth_xh = classes.row_sum(_numerics.weighted(u, xh))
+    sum_t, sum_t_xh = _stats.integer_target_sums(
+        opts.label_smoothing,
+        w_y,
+        _stats.half_shifted(label_x, shift),
+        smooth_mass,
+        smooth_xh,
     )
-    sum_t_xs = _numerics.tempered(sum_t_xr, temperature)
+    sum_t_xs = _stats.doubled(sum_t_xh, opts.temperature)
     scored = inputs.scored
-    return jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0), label_xr
+    sums = jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0)
+    return *sums, label_x - shift
 
 
 def label_weights(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:

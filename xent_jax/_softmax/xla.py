@@ -75,8 +75,7 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
     # The shift is in the logits' own units: (x - shift) / T lets a common
     # offset cancel exactly before the division rounds anything.
     shift = jax.lax.stop_gradient(_stats.shift_of(row_max))
-    xr = xm - shift[..., None]
-    sum_t, sum_t_xs, label_xr = tg.target_sums(inputs, xr, shift, opts)
+    sum_t, sum_t_xs, label_xr = tg.target_sums(inputs, xm, shift, opts)
     after = _after(shift, sum_t_xs)
     if argmax is not None:
         after = _after(after, argmax.astype(after.dtype))
