@@ -308,6 +308,38 @@ def test_item5_logits_spanning_more_than_the_range_with_smoothing(impl):
     np.testing.assert_array_equal(ICE(x, jnp.array([0]), implementation=impl), [np.inf])
 
 
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_item5_huge_temperature_logits_spanning_more_than_the_range(impl):
+    """Found by issue 28's campaign (float32, ``T = 2^126``, logits up to
+    ``+-2.8e38``): ``x_c - s`` overflowed to ``-inf`` where ``(x_c - s) / T``
+    is -5.6, so that class dropped out of the log-sum-exp (loss 3.2577 for
+    3.2600). With ``T > 1`` the shifted logits are halved before the
+    division (``_stats.tempered_shifted``)."""
+    x = np.array([[-2.77e38, 2.04e38, 1e37]], np.float32)
+    t = 2.0**126
+    z = x.astype(np.float64) / t
+    lse = np.log(np.exp(z).sum())
+    p = np.exp(z - lse)
+    kw = dict(temperature=t, implementation=impl)
+    for label in (0, 1):
+        got = ICE(x, jnp.array([label]), **kw)
+        np.testing.assert_allclose(got, [lse - z[0, label]], rtol=1e-6)
+    soft = np.array([[0.5, 0.25, 0.25]])
+    np.testing.assert_allclose(
+        SCE(x, soft, **kw), [(soft * (lse - z)).sum()], rtol=1e-6
+    )
+    _, aux = ICE(x, jnp.array([0]), return_aux=True, **kw)
+    np.testing.assert_allclose(aux.entropy, [-(p * np.log(p)).sum()], rtol=1e-6)
+    weights = jnp.array([0.5, 1.0, 2.0])
+
+    def weighted(w):
+        return ICE(x, jnp.array([0]), class_weights=w, **kw).sum()
+
+    np.testing.assert_allclose(
+        jax.grad(weighted)(weights), [lse - z[0, 0], 0, 0], rtol=1e-6
+    )
+
+
 # The campaign's reproducer: V = 8, the tempered logits finite but spanning
 # up to 5.2e38 per row; exact losses 0.7e38 to 3.2e38 (float64).
 SPAN_X = [

@@ -119,6 +119,18 @@ def doubled(half_sum: jax.Array, temperature: float | None) -> jax.Array:
     return tempered(half_sum * 2, temperature)
 
 
+def tempered_shifted(x: jax.Array, shift: jax.Array, temperature: float | None):
+    """``(x - shift) / T``, the shifted logits in the softmax's units. With
+    ``T > 1`` it is ``half_shifted / (T / 2)``: ``x - shift`` overflows where a
+    row's logits span more than the dtype's range while its quotient by ``T``
+    does not (``T = 2^126``, issue 28's campaign), and the quotient rounds
+    exactly as before (both halved). With ``T <= 1`` an overflowing
+    difference overflows the quotient too."""
+    if temperature is None or temperature <= 1:
+        return tempered(x - shift, temperature)
+    return half_shifted(x, shift) / (temperature / 2)
+
+
 def shift_change(state_old: Online, state_new: Online) -> jax.Array:
     """How far the shift moved, to move a shifted sum of logits along:
     ``sum t (x - s_new) = sum t (x - s_old) + (s_old - s_new) sum t``."""

@@ -20,6 +20,7 @@ from xent_jax._stats import (
     half_shifted,
     log_of_sum,
     shift_of,
+    tempered_shifted,
 )
 
 
@@ -79,7 +80,7 @@ def _shifted_lse(xm, temperature):
     log-sum-exp of ``(xm - shift) / T``, so that an offset cancels before the
     temperature divides."""
     shift = jax.lax.stop_gradient(shift_of(jnp.max(xm, axis=-1)))
-    xs = _numerics.tempered(xm - shift[..., None], temperature)
+    xs = tempered_shifted(xm, shift[..., None], temperature)
     return shift, log_of_sum(jnp.sum(jnp.exp(xs), axis=-1))
 
 
@@ -92,7 +93,7 @@ def _entropy(x, keep, temperature):
     """``-sum_c p_c log p_c`` over the kept classes, in shifted coordinates."""
     xm = _masked(x, keep)
     shift, log_se = _shifted_lse(xm, temperature)
-    xs = _numerics.tempered(xm - shift[..., None], temperature)
+    xs = tempered_shifted(xm, shift[..., None], temperature)
     log_p = xs - log_se[..., None]
     return -jnp.sum(_numerics.weighted(jnp.exp(log_p), log_p), axis=-1)
 

@@ -84,11 +84,11 @@ def targets(inputs: Inputs, opts: SoftmaxOptions, dtype, shape) -> jax.Array:
 
 
 def target_sums(inputs: Inputs, xm, shift, opts: SoftmaxOptions):
-    """``(sum_t, sum_t_xs, label_xr)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
+    """``(sum_t, sum_t_xs, label_x)``: ``sum_c t_c`` and ``sum_c t_c (x_c -
     s) / T`` given the masked logits ``xm`` and their ``shift`` (in the
     logits' own units), without materialising ``t`` for integer labels (the
     one-hot part is a gather; only label smoothing reads rows), and for
-    integer labels the label's own ``x_y - s`` (None for soft labels).
+    integer labels the label's own logit ``x_y`` (None for soft labels).
 
     The sums are taken halved (``_stats.half_shifted``) and before the
     temperature divides them: ``x_c - s``, and with ``T < 1`` ``(x_c - s) /
@@ -120,7 +120,7 @@ def target_sums(inputs: Inputs, xm, shift, opts: SoftmaxOptions):
     sum_t_xs = _stats.doubled(sum_t_xh, opts.temperature)
     scored = inputs.scored
     sums = jnp.where(scored, sum_t, 0), jnp.where(scored, sum_t_xs, 0)
-    return *sums, label_x - shift
+    return *sums, label_x
 
 
 def label_weights(inputs: Inputs, opts: SoftmaxOptions, dtype) -> jax.Array:

@@ -75,11 +75,11 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
     # The shift is in the logits' own units: (x - shift) / T lets a common
     # offset cancel exactly before the division rounds anything.
     shift = jax.lax.stop_gradient(_stats.shift_of(row_max))
-    sum_t, sum_t_xs, label_xr = tg.target_sums(inputs, xm, shift, opts)
+    sum_t, sum_t_xs, label_x = tg.target_sums(inputs, xm, shift, opts)
     after = _after(shift, sum_t_xs)
     if argmax is not None:
         after = _after(after, argmax.astype(after.dtype))
-    e = jnp.exp(_numerics.tempered(xm - after[..., None], opts.temperature))
+    e = jnp.exp(_stats.tempered_shifted(xm, after[..., None], opts.temperature))
     sum_e = classes.row_sum(e)
     log_se = _stats.log_of_sum(sum_e)
     ce = _stats.cross_entropy(sum_t, sum_t_xs, log_se, shift)
@@ -90,7 +90,7 @@ def _statistics(inputs: Inputs, opts: SoftmaxOptions):
         sum_exs = classes.row_sum(_numerics.weighted(e, jnp.log(e)))
         entropy = _stats.entropy(log_se, sum_exs, sum_e)
         out = out._replace(entropy=entropy, argmax=argmax)
-    return out, (xm, e, sum_e, shift, log_se, sum_t, label_xr)
+    return out, (xm, e, sum_e, shift, log_se, sum_t, label_x)
 
 
 def _argmax(xm, row_max, classes: ClassAxis):
@@ -112,7 +112,7 @@ def _softmax(xm, e, sum_e, shift, log_se, x_dtype, temperature, scale=None):
     def recompute(xm, e, sum_e, shift, log_se):
         # Where a row sum fuses its producer (not XLA CPU), the exponentials of
         # 16-bit logits would be a float32 buffer of twice their size.
-        xs = _numerics.tempered(xm - shift[..., None], temperature)
+        xs = _stats.tempered_shifted(xm, shift[..., None], temperature)
         p = jnp.exp(xs - log_se[..., None])
         return p if scale is None else scale[..., None] * p
 
@@ -150,7 +150,7 @@ def _kernel(inputs: Inputs, opts: SoftmaxOptions) -> KernelOut:
 def _kernel_fwd(inputs, opts: SoftmaxOptions):
     perturbed = jax.tree.map(lambda a: a.perturbed, inputs)
     inputs = jax.tree.map(lambda a: a.value, inputs)
-    out, (xm, e, sum_e, shift, log_se, sum_t, label_xr) = _statistics(inputs, opts)
+    out, (xm, e, sum_e, shift, log_se, sum_t, label_x) = _statistics(inputs, opts)
     x_dtype = inputs.x.dtype
     statistics = (xm, e, sum_e, shift, log_se, x_dtype, opts.temperature)
     wide = jnp.dtype(x_dtype).itemsize >= 4
@@ -173,17 +173,17 @@ def _kernel_fwd(inputs, opts: SoftmaxOptions):
     saved = saved._replace(hint=None)
     expected = None
     if wide or not needs_x:
-        expected = _expected(inputs, opts, out.lse, statistics, sum_t, label_xr)
+        expected = _expected(inputs, opts, out.lse, statistics, sum_t, label_x)
     p_aux = _softmax(*statistics) if opts.aux and wide else None
-    # x_y - shift, for the one-hot part of the class weights' gradient.
-    weights_xr = label_xr if opts.integer and perturbed.class_weights is True else None
-    return out, (saved, expected, p_aux, shift, log_se, sum_t, weights_xr, out.entropy)
+    # x_y, for the one-hot part of the class weights' gradient.
+    weights_x = label_x if opts.integer and perturbed.class_weights is True else None
+    return out, (saved, expected, p_aux, shift, log_se, sum_t, weights_x, out.entropy)
 
 
-def _expected(inputs: Inputs, opts, lse, statistics, sum_t, label_xr) -> Expected:
+def _expected(inputs: Inputs, opts, lse, statistics, sum_t, label_x) -> Expected:
     """The gradient the reduction's cotangents give, ``(a p - b t) / T``,
     rounded once to the logits' dtype (see ``_expected_coefficients``)."""
-    xm, log_se = statistics[0], statistics[4]
+    xm, shift, log_se = statistics[0], statistics[3], statistics[4]
     a, b = _expected_coefficients(inputs, lse, sum_t, opts.temperature)
     # Per example, the temperature's 1 / T scales a and b, not each logit.
     a_t, b_t = (_numerics.tempered(c, opts.temperature) for c in (a, b))
@@ -193,7 +193,7 @@ def _expected(inputs: Inputs, opts, lse, statistics, sum_t, label_xr) -> Expecte
         # t is the label's weight (sum_t) at the label and 0 elsewhere: the
         # label's entry is kept per example in float32 and put in place by
         # the backward pass, which tests for the label anyway.
-        label_xs = _numerics.tempered(label_xr, opts.temperature)
+        label_xs = _stats.tempered_shifted(label_x, shift, opts.temperature)
         label_grad = a_t * jnp.exp(label_xs - log_se) - b_t * sum_t
     else:
         grad = grad - b_t[..., None] * tg.targets(inputs, opts, xm.dtype, xm.shape)
@@ -225,7 +225,7 @@ def _expected_coefficients(inputs: Inputs, lse, sum_t, temperature):
 
 
 def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
-    saved, expected, p_aux, shift, log_se, sum_t, label_xr, entropy = residual
+    saved, expected, p_aux, shift, log_se, sum_t, label_x, entropy = residual
     x_dtype = (saved.x if expected is None else expected.grad).dtype
     dtype = _numerics.compute_dtype(x_dtype)
     g_ce, g_lse = (_numerics.materialised(g, sum_t) for g in cotangents[:2])
@@ -254,9 +254,9 @@ def _kernel_bwd(opts: SoftmaxOptions, residual, cotangents: KernelOut):
     d_labels = d_weights = None
     if not opts.integer and saved.x is not None:
         d_labels, d_weights = _soft_label_grads(saved, opts, label_coef, shift, log_se)
-    elif saved.class_weights is not None and label_xr is not None:
+    elif saved.class_weights is not None and label_x is not None:
         d_weights = _integer_weight_grad(
-            saved, opts, label_coef, label_xr, shift, log_se
+            saved, opts, label_coef, label_x, shift, log_se
         )
     d_inputs = Inputs(d_x, None, None, d_weights, None)
     if not opts.integer:
@@ -299,7 +299,7 @@ def _log_softmax(saved: Inputs, opts, shift, log_se):
     float32 softmax.
     """
     xm = tg.masked_logits(saved, log_se.dtype)
-    log_p = _numerics.tempered(xm - shift[..., None], opts.temperature)
+    log_p = _stats.tempered_shifted(xm, shift[..., None], opts.temperature)
     return log_p - log_se[..., None]
 
 
@@ -312,22 +312,25 @@ def _entropy_part(g_h, pf, log_p, entropy):
     return _stats.softmax_part(g_h, d_log_p)
 
 
-def _times_distance(coef, xr, log_se, temperature):
-    """``coef (lse - x_c)`` per example or class in shifted coordinates, ``x_c
-    = xr / T``. With ``T < 1``, where ``xr / T`` overflows but the product
+def _times_distance(coef, x, shift, log_se, temperature):
+    """``coef (lse - x_c / T)`` per example or class in shifted coordinates.
+    With ``T < 1``, where ``(x_c - shift) / T`` overflows but the product
     does not (``T = 2^-126``: issue 28's campaign), it is formed before the
     division."""
-    direct = _numerics.weighted(coef, log_se - _numerics.tempered(xr, temperature))
+    xs = _stats.tempered_shifted(x, shift, temperature)
+    direct = _numerics.weighted(coef, log_se - xs)
     if temperature is None or temperature >= 1:
         return direct
-    late = _numerics.weighted(coef, temperature * log_se - xr) / temperature
+    late = _numerics.weighted(coef, temperature * log_se - (x - shift)) / temperature
     return jnp.where(jnp.isinf(direct), late, direct)
 
 
 def _class_distances(coef, saved: Inputs, opts, shift, log_se):
     """``coef (lse - x_c)`` per class, ``coef`` broadcast to the logits."""
-    xr = saved.x.astype(log_se.dtype) - shift[..., None]
-    return _times_distance(coef, xr, log_se[..., None], opts.temperature)
+    x = saved.x.astype(log_se.dtype)
+    return _times_distance(
+        coef, x, shift[..., None], log_se[..., None], opts.temperature
+    )
 
 
 def _soft_label_grads(saved: Inputs, opts, label_coef, shift, log_se):
@@ -353,13 +356,13 @@ def _soft_label_grads(saved: Inputs, opts, label_coef, shift, log_se):
     return d_labels, d_weights
 
 
-def _integer_weight_grad(saved: Inputs, opts, label_coef, label_xr, shift, log_se):
+def _integer_weight_grad(saved: Inputs, opts, label_coef, label_x, shift, log_se):
     """``sum_i g_i [(1 - a) [y_i = c] (lse_i - x_iy) + u_ic (lse_i - x_ic)]``."""
     dtype = log_se.dtype
     classes = ClassAxis(opts.axis_name)
     num_local = saved.class_weights.shape[-1]
     onehot_coef = label_coef * (1 - opts.label_smoothing)
-    onehot_part = _times_distance(onehot_coef, label_xr, log_se, opts.temperature)
+    onehot_part = _times_distance(onehot_coef, label_x, shift, log_se, opts.temperature)
     d_weights = classes.scatter_add(num_local, saved.labels.ids, onehot_part)
     d_weights = _sharding.match_varying(d_weights, saved.class_weights)
     if opts.label_smoothing:
